@@ -1,0 +1,12 @@
+"""jax_roi: region-of-interest feature extraction for JAX.
+
+RoIPool (Fast R-CNN), RoIWarp (MNC), RoIAlign (Mask R-CNN) and its multi-level (FPN) form,
+as pure JAX (``implementation="xla"``) and as XLA FFI kernels (``"ffi"``) with one meaning,
+defined in SEMANTICS.md.
+"""
+
+from jax_roi.ops import roi_align, roi_pool, roi_warp
+
+__version__ = "0.1.0"
+
+__all__ = ["roi_align", "roi_pool", "roi_warp"]

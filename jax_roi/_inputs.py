@@ -1,0 +1,151 @@
+"""Checks and normalisation of the public ops' arguments.
+
+Everything that is knowable at trace time (ranks, axis sizes, dtypes, option names) is
+checked here, once, for every implementation; each error names the argument, what was
+expected and what was given. The implementations then see one canonical form:
+NHWC features ``[B, H, W, C]`` and rois ``[K, 5]`` in the coordinate dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+DATA_FORMATS = ("NHWC", "NCHW")
+REDUCTIONS = ("avg", "max")
+BINNINGS = ("caffe", "floor")
+IMPLEMENTATIONS = (None, "xla", "ffi")
+FEATURE_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def _fail(cls: type, arg: str, expected: str, given: Any) -> None:
+    raise cls(f"{arg}: expected {expected}, got {given}")
+
+
+def check_choice(arg: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        _fail(ValueError, arg, "one of " + ", ".join(repr(c) for c in choices), repr(value))
+    return value
+
+
+def output_size_pair(output_size: Any) -> tuple[int, int]:
+    """``int`` or ``(oh, ow)`` -> ``(oh, ow)``, each a Python int >= 1."""
+    if isinstance(output_size, (numbers.Integral, np.integer)) and not isinstance(output_size, bool):
+        pair = (int(output_size), int(output_size))
+    elif (
+        isinstance(output_size, (tuple, list))
+        and len(output_size) == 2
+        and all(isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool) for v in output_size)
+    ):
+        pair = (int(output_size[0]), int(output_size[1]))
+    else:
+        _fail(TypeError, "output_size", "an int or a pair of ints (oh, ow)", repr(output_size))
+    if min(pair) < 1:
+        _fail(ValueError, "output_size", "sizes >= 1", repr(output_size))
+    return pair
+
+
+def static_float(arg: str, value: Any, *, positive: bool = True) -> float:
+    if not isinstance(value, (numbers.Real, np.floating, np.integer)) or isinstance(value, bool):
+        _fail(TypeError, arg, "a Python float (a static attribute)", f"{type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        _fail(ValueError, arg, "a finite number > 0" if positive else "a finite number", repr(value))
+    return value
+
+
+def static_int(arg: str, value: Any) -> int:
+    if not isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, bool):
+        _fail(TypeError, arg, "a Python int (a static attribute)", f"{type(value).__name__} {value!r}")
+    return int(value)
+
+
+def static_bool(arg: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        _fail(TypeError, arg, "a bool", f"{type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def coordinate_dtype(feature_dtype: Any) -> Any:
+    """Box arithmetic runs in float32, or float64 for float64 features (SEMANTICS.md)."""
+    return jnp.float64 if jnp.dtype(feature_dtype) == jnp.float64 else jnp.float32
+
+
+def check_features(features: Any, *, arg: str = "features", min_rank: int = 3) -> Any:
+    features = jnp.asarray(features)
+    dtype = jnp.dtype(features.dtype)
+    if dtype not in [jnp.dtype(d) for d in FEATURE_DTYPES]:
+        _fail(TypeError, arg, "a float16, bfloat16, float32 or float64 array", f"dtype {dtype}")
+    if features.ndim < min_rank:
+        _fail(ValueError, arg, f"rank >= {min_rank} ([..., H, W, C] or [..., C, H, W])",
+              f"shape {tuple(features.shape)}")
+    return features
+
+
+def check_boxes(boxes: Any, *, arg: str = "boxes") -> Any:
+    boxes = jnp.asarray(boxes)
+    if not (jnp.issubdtype(boxes.dtype, jnp.floating) or jnp.issubdtype(boxes.dtype, jnp.integer)):
+        _fail(TypeError, arg, "a real-valued array", f"dtype {boxes.dtype}")
+    if boxes.ndim < 2 or boxes.shape[-1] not in (4, 5):
+        _fail(ValueError, arg, "[K, 5] rois (batch_index, x1, y1, x2, y2) or [..., R, 4] boxes",
+              f"shape {tuple(boxes.shape)}")
+    return boxes
+
+
+@dataclasses.dataclass(frozen=True)
+class Canonical:
+    """The canonical form of one call, and how to map the result back."""
+
+    features: Any  # [B, H, W, C]
+    rois: Any  # [K, 5], coordinate dtype
+    restore: Callable[[Any], Any]  # [K, oh, ow, C] -> the user's output layout
+
+
+def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
+    """Brings features to NHWC ``[B, H, W, C]`` and boxes to rois ``[K, 5]``.
+
+    Box forms (SEMANTICS.md, "Inputs"): ``rois [K, 5]`` with ``features [B, H, W, C]``, or
+    per-image ``boxes [..., R, 4]`` with ``features [..., H, W, C]`` (same leading axes).
+    """
+    check_choice("data_format", data_format, DATA_FORMATS)
+    features = check_features(features)
+    boxes = check_boxes(boxes)
+    nchw = data_format == "NCHW"
+    if nchw:
+        features = jnp.moveaxis(features, -3, -1)
+    cdtype = coordinate_dtype(features.dtype)
+    if boxes.shape[-1] == 5:
+        if boxes.ndim != 2:
+            _fail(ValueError, "boxes", "rank 2 for [K, 5] rois", f"shape {tuple(boxes.shape)}")
+        if features.ndim != 4:
+            _fail(ValueError, "features", f"rank 4 ([B, H, W, C] in {data_format} order) with [K, 5] rois",
+                  f"shape {tuple(features.shape)}")
+        rois = boxes.astype(cdtype)
+
+        def restore(out):
+            return jnp.moveaxis(out, -1, -3) if nchw else out
+
+        return Canonical(features, rois, restore)
+
+    lead = features.shape[:-3]
+    if tuple(boxes.shape[:-2]) != tuple(lead):
+        _fail(ValueError, "boxes",
+              f"leading axes {tuple(lead)} matching features (shape [..., R, 4] = {tuple(lead)} + (R, 4))",
+              f"shape {tuple(boxes.shape)}")
+    num_images = math.prod(lead)
+    num_boxes = boxes.shape[-2]
+    flat_features = features.reshape((num_images,) + features.shape[-3:])
+    batch_index = jnp.repeat(jnp.arange(num_images, dtype=cdtype), num_boxes)
+    rois = jnp.concatenate(
+        [batch_index[:, None], boxes.reshape(num_images * num_boxes, 4).astype(cdtype)], axis=1)
+
+    def restore(out):
+        out = out.reshape(tuple(lead) + (num_boxes,) + out.shape[1:])
+        return jnp.moveaxis(out, -1, -3) if nchw else out
+
+    return Canonical(flat_features, rois, restore)

@@ -1,0 +1,117 @@
+"""The public ops: check the arguments, bring them to canonical form, dispatch.
+
+Every implementation computes what ``SEMANTICS.md`` says; ``implementation`` only picks
+how: ``"xla"`` is the pure-JAX reference path (every platform, autodiff), ``"ffi"`` the
+compiled kernels, ``None`` the fastest one built for the default platform.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jax_roi import _inputs
+from jax_roi import ffi as _ffi
+from jax_roi import xla as _xla
+
+
+def _implementation(implementation: Any):
+    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
+    built = _ffi.platforms()
+    if implementation == "ffi":
+        if not built:
+            raise RuntimeError(
+                "implementation: expected a built implementation; 'ffi' needs the compiled "
+                "extension jax_roi._ext, which is not built (reinstall with `pip install .`), "
+                "got 'ffi'. Use implementation='xla' or None.")
+        from jax_roi.ffi import ops as ffi_ops
+        return ffi_ops
+    if implementation is None and jax.default_backend() in built:
+        from jax_roi.ffi import ops as ffi_ops
+        return ffi_ops
+    return _xla
+
+
+def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+              reduction="avg", data_format="NHWC", implementation=None):
+    r"""RoIAlign (Mask R-CNN): bilinear samples on a regular grid in each bin, averaged or maxed.
+
+    For a box ``(x1, y1, x2, y2)`` in image pixels and ``off = 0.5 if aligned else 0``, the
+    box in feature pixels starts at ``x1*s - off`` and is ``rw = (x2 - x1)*s`` wide (legacy:
+    at least 1); bin ``(ph, pw)`` of an ``oh x ow`` grid holds ``gy x gx`` samples
+
+    .. math:: y = y_1 s - \mathrm{off} + p_h \tfrac{r_h}{o_h} + (i_y + \tfrac12)\tfrac{r_h}{o_h g_y}
+
+    each read bilinearly (zero outside ``[-1, H]``), with ``g = sampling_ratio`` or, when
+    ``sampling_ratio <= 0``, ``ceil(r/o)`` capped at ``ceil(H/oh)``.
+
+    Args:
+      features: ``[B, H, W, C]`` (``data_format="NHWC"``) or ``[B, C, H, W]``; with per-image
+        boxes any leading axes ``[..., H, W, C]``. float16, bfloat16, float32 or float64.
+      boxes: ``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)``, or ``[..., R, 4]`` boxes whose
+        leading axes match the features'. A batch index outside ``[0, B)`` or a non-finite
+        box gives zeros and no gradient.
+      output_size: ``int`` or ``(oh, ow)``.
+      spatial_scale: feature pixels per image pixel (1/stride).
+      sampling_ratio: samples per bin side; ``<= 0`` is adaptive.
+      aligned: the half-pixel offset of Detectron2 (True) or the original Mask R-CNN (False).
+      reduction: ``"avg"`` or ``"max"`` over a bin's samples.
+      data_format: ``"NHWC"`` (Flax) or ``"NCHW"`` (torchvision).
+      implementation: ``None`` (fastest built), ``"xla"`` or ``"ffi"``.
+
+    Returns:
+      ``[K, oh, ow, C]`` for rois, ``[..., R, oh, ow, C]`` for per-image boxes
+      (channels before ``oh, ow`` for NCHW), in the features' dtype.
+    """
+    return _bilinear(features, boxes, output_size, spatial_scale=spatial_scale,
+                     sampling_ratio=sampling_ratio, aligned=aligned, reduction=reduction,
+                     data_format=data_format, implementation=implementation, quantize=False)
+
+
+def roi_warp(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, reduction="avg",
+             data_format="NHWC", implementation=None):
+    """RoIWarp (MNC): the box is snapped to the feature grid (``round(x*s)``, half away from
+    zero), then sampled bilinearly as legacy RoIAlign (``aligned=False``).
+
+    Arguments and result as :func:`roi_align`. Boxes get no gradient (rounding is flat).
+    """
+    return _bilinear(features, boxes, output_size, spatial_scale=spatial_scale,
+                     sampling_ratio=sampling_ratio, aligned=False, reduction=reduction,
+                     data_format=data_format, implementation=implementation, quantize=True)
+
+
+def _bilinear(features, boxes, output_size, *, spatial_scale, sampling_ratio, aligned, reduction,
+              data_format, implementation, quantize):
+    size = _inputs.output_size_pair(output_size)
+    spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
+    sampling_ratio = _inputs.static_int("sampling_ratio", sampling_ratio)
+    aligned = _inputs.static_bool("aligned", aligned)
+    _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
+    impl = _implementation(implementation)
+    canon = _inputs.canonicalize(features, boxes, data_format)
+    out = impl.roi_align(canon.features, canon.rois, size, spatial_scale=spatial_scale,
+                         sampling_ratio=sampling_ratio, aligned=aligned, reduction=reduction,
+                         quantize=quantize)
+    return canon.restore(out)
+
+
+def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe", data_format="NHWC",
+             implementation=None):
+    """RoIPool (Fast R-CNN): the box is quantized to whole cells and each bin takes the max.
+
+    ``binning="caffe"`` (torchvision, the Caffe layer): ``sx = round(x1*s)``, ``rw =
+    max(round(x2*s) - sx + 1, 1)``, bin ``pw`` covers ``[floor(pw*rw/ow), ceil((pw+1)*rw/ow))``
+    from ``sx``. ``binning="floor"``: ``sx = floor(x1*s)``, ``x2`` exclusive, bins of
+    ``floor((ex - sx)/ow)`` cells and the last takes the rest. Bins are clipped to the map; an
+    empty bin is 0. The gradient goes to the first maximal cell (row-major); boxes get none.
+
+    Arguments and result as :func:`roi_align`.
+    """
+    size = _inputs.output_size_pair(output_size)
+    spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
+    _inputs.check_choice("binning", binning, _inputs.BINNINGS)
+    impl = _implementation(implementation)
+    canon = _inputs.canonicalize(features, boxes, data_format)
+    out = impl.roi_pool(canon.features, canon.rois, size, spatial_scale=spatial_scale, binning=binning)
+    return canon.restore(out)
