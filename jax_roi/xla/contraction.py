@@ -99,9 +99,10 @@ def _bwd(static, residuals, g):
             d_wx = d_wx.at[:, :, s].add(jnp.sum(gv * wy[:, :, t, None].astype(acc), axis=1))
             return d_features, d_wy, d_wx
 
-        return _loop(nx, s_bound, over_s, carry, static)
+        return lax.fori_loop(0, s_bound if static else nx, over_s, carry)
 
-    d_features, d_wy, d_wx = _loop(ny, t_bound, over_t, carry, static)
+    # Always a loop: unrolled scatter-adds keep every gather alive and run slower.
+    d_features, d_wy, d_wx = lax.fori_loop(0, t_bound if static else ny, over_t, carry)
     return (d_features.astype(features.dtype), None, None, d_wy.astype(wy.dtype), None,
             d_wx.astype(wx.dtype), None, None)
 

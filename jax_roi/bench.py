@@ -1,0 +1,257 @@
+"""``python -m jax_roi bench``: the workloads of BENCHMARKS.md, every path, one run.
+
+Each (workload, path) runs in a child process so that its peak resident memory is its own.
+Times are medians of ``--repeats`` runs after warm-up, forward alone and forward + backward
+(``jax.grad`` of a scalar of the output with respect to the features), each jit-compiled;
+compile time is reported apart. Ratios are against peers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# name: (levels [(H, W)], spatial scales, images, boxes per image, output, sampling_ratio, op)
+WORKLOADS = {
+    "box-head": dict(levels=[(50, 68)], scales=[1 / 16], images=2, per_image=512, output=7,
+                     sampling_ratio=2, image=(800, 1088)),
+    "box-head-adaptive": dict(levels=[(50, 68)], scales=[1 / 16], images=2, per_image=512, output=7,
+                              sampling_ratio=-1, image=(800, 1088)),
+    "mask-head": dict(levels=[(50, 68)], scales=[1 / 16], images=2, per_image=512, output=14,
+                      sampling_ratio=2, image=(800, 1088)),
+    "fpn": dict(levels=[(200, 272), (100, 136), (50, 68), (25, 34)], scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32],
+                images=2, per_image=512, output=7, sampling_ratio=2, image=(800, 1088)),
+    "gpu-large": dict(levels=[(100, 136)], scales=[1 / 8], images=8, per_image=512, output=7,
+                      sampling_ratio=2, image=(800, 1088)),
+}
+OPS = ("roi_align", "roi_pool", "multiscale_roi_align")
+CHANNELS = 256
+
+
+def make_inputs(name: str, seed: int = 0):
+    """Features (NHWC float32, one array per level) and ``[K, 5]`` rois, as BENCHMARKS.md."""
+    w = WORKLOADS[name]
+    rng = np.random.default_rng(seed)
+    feats = [rng.standard_normal((w["images"], h, wd, CHANNELS), dtype=np.float32) for h, wd in w["levels"]]
+    img_h, img_w = w["image"]
+    rois = []
+    for b in range(w["images"]):
+        n = w["per_image"]
+        x1 = rng.uniform(0, 0.8 * img_w, n)
+        y1 = rng.uniform(0, 0.8 * img_h, n)
+        bw = rng.uniform(8, 8 + 0.4 * img_w, n)
+        bh = rng.uniform(8, 8 + 0.4 * img_h, n)
+        rois.append(np.stack([np.full(n, b), x1, y1, x1 + bw, y1 + bh], axis=1))
+    return feats, np.concatenate(rois).astype(np.float32)
+
+
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _measure_jax(name, op, implementation, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    import jax_roi
+
+    w = WORKLOADS[name]
+    feats, rois = make_inputs(name)
+    feats = [jnp.asarray(f) for f in feats]
+    rois = jnp.asarray(rois)
+    kw = dict(implementation=implementation)
+    if op == "multiscale_roi_align":
+        def f(fs, r):
+            return jax_roi.multiscale_roi_align(fs, r, w["output"], spatial_scales=w["scales"],
+                                                sampling_ratio=w["sampling_ratio"], **kw)
+        args = (feats, rois)
+    elif op == "roi_pool":
+        def f(x, r):
+            return jax_roi.roi_pool(x, r, w["output"], spatial_scale=w["scales"][0], **kw)
+        args = (feats[0], rois)
+    else:
+        def f(x, r):
+            return jax_roi.roi_align(x, r, w["output"], spatial_scale=w["scales"][0],
+                                     sampling_ratio=w["sampling_ratio"], **kw)
+        args = (feats[0], rois)
+
+    fwd = jax.jit(f)
+    bwd = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * 1.0)))
+    result = {}
+    for label, fn in (("fwd", fwd), ("fwd_bwd", bwd)):
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        result[f"{label}_compile_ms"] = (time.perf_counter() - t0) * 1e3
+        jax.block_until_ready(compiled(*args))  # warm-up
+        result[f"{label}_ms"] = _median_ms(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    return result
+
+
+def _measure_torchvision(name, op, repeats):
+    import torch
+    import torchvision
+
+    w = WORKLOADS[name]
+    feats, rois = make_inputs(name)
+    feats = [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in feats]
+    rois_t = torch.from_numpy(rois)
+    if op == "multiscale_roi_align":
+        names = [str(i) for i in range(len(feats))]
+        pooler = torchvision.ops.MultiScaleRoIAlign(names, w["output"], w["sampling_ratio"])
+        boxes = [rois_t[rois_t[:, 0] == b, 1:] for b in range(w["images"])]
+        sizes = [tuple(w["image"])] * w["images"]
+
+        def f(x):
+            return pooler(dict(zip(names, x)), boxes, sizes)
+    elif op == "roi_pool":
+        def f(x):
+            return torchvision.ops.roi_pool(x[0], rois_t, w["output"], w["scales"][0])
+    else:
+        def f(x):
+            return torchvision.ops.roi_align(x[0], rois_t, w["output"], w["scales"][0],
+                                             w["sampling_ratio"], aligned=True)
+
+    def fwd_bwd():
+        xs = [t.clone().requires_grad_(True) for t in feats]
+        f(xs).sum().backward()
+
+    result = {"fwd_compile_ms": 0.0, "fwd_bwd_compile_ms": 0.0}
+    with torch.no_grad():
+        f(feats)
+        result["fwd_ms"] = _median_ms(lambda: f(feats), repeats)
+    fwd_bwd()
+    result["fwd_bwd_ms"] = _median_ms(fwd_bwd, repeats)
+    return result
+
+
+def measure_one(name, op, path, repeats):
+    if path == "torchvision":
+        result = _measure_torchvision(name, op, repeats)
+    else:
+        result = _measure_jax(name, op, path, repeats)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def available_paths():
+    import jax
+
+    from jax_roi import ffi
+
+    paths = ["xla"]
+    if jax.default_backend() in ffi.platforms():
+        paths.append("ffi")
+    try:
+        import torchvision  # noqa: F401
+        paths.append("torchvision")
+    except Exception:  # torchvision absent or unloadable: not a peer in this run
+        pass
+    return paths
+
+
+def _child(name, op, path, repeats, timeout):
+    cmd = [sys.executable, "-m", "jax_roi.bench", "--child", name, op, path, str(repeats)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(workloads, ops, paths, repeats, json_path, timeout=900):
+    import jax
+
+    rows = []
+    for name in workloads:
+        for op in ops:
+            if op == "multiscale_roi_align" and name != "fpn":
+                continue
+            if op != "multiscale_roi_align" and name == "fpn":
+                continue
+            for path in paths:
+                res = _child(name, op, path, repeats, timeout)
+                res.update(workload=name, op=op, path=path)
+                rows.append(res)
+                print(_format_row(res), flush=True)
+    _print_ratios(rows)
+    info = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+                cpu_count=os.cpu_count(), repeats=repeats, jax=jax.__version__, rows=rows)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(info, fh, indent=1)
+        print(f"wrote {json_path}")
+    return info
+
+
+def _format_row(r):
+    head = f"{r['workload']:<18} {r['op']:<21} {r['path']:<12}"
+    if "error" in r:
+        return head + f" error: {r['error']}"
+    return head + (f" fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms  "
+                   f"compile {r['fwd_compile_ms']:7.0f}/{r['fwd_bwd_compile_ms']:6.0f} ms  "
+                   f"peak RSS {r['peak_rss_mb']:7.0f} MB")
+
+
+def _print_ratios(rows):
+    by = {(r["workload"], r["op"], r["path"]): r for r in rows if "error" not in r}
+    lines = []
+    for (wl, op, path), r in sorted(by.items()):
+        for peer in ("torchvision", "xla"):
+            p = by.get((wl, op, peer))
+            if p is None or peer == path:
+                continue
+            lines.append(f"{wl:<18} {op:<21} {path:<5} vs {peer:<12} fwd {p['fwd_ms'] / r['fwd_ms']:6.2f}x"
+                         f"  fwd+bwd {p['fwd_bwd_ms'] / r['fwd_bwd_ms']:6.2f}x")
+    if lines:
+        print("speed-up (peer time / path time, same run):")
+        print("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jax_roi bench", description=__doc__)
+    parser.add_argument("--workloads", default="box-head,box-head-adaptive,mask-head,fpn",
+                        help="comma list from: " + ", ".join(WORKLOADS))
+    parser.add_argument("--ops", default="roi_align,roi_pool,multiscale_roi_align")
+    parser.add_argument("--paths", default=None, help="comma list of xla, ffi, torchvision (default: all available)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="bench_results.json")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        name, op, path, repeats = args.child
+        print(json.dumps(measure_one(name, op, path, int(repeats))))
+        return 0
+    workloads = [w for w in args.workloads.split(",") if w]
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"--workloads: expected names from {', '.join(WORKLOADS)}, got {w!r}")
+    ops = [o for o in args.ops.split(",") if o]
+    for o in ops:
+        if o not in OPS:
+            parser.error(f"--ops: expected names from {', '.join(OPS)}, got {o!r}")
+    paths = args.paths.split(",") if args.paths else available_paths()
+    run(workloads, ops, paths, args.repeats, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
