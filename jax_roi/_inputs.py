@@ -149,3 +149,29 @@ def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
         return jnp.moveaxis(out, -1, -3) if nchw else out
 
     return Canonical(flat_features, rois, restore)
+
+
+def canonicalize_levels(levels: Any, boxes: Any, data_format: str):
+    """The pyramid form: ``levels`` a sequence of maps with the same leading axes, channels
+    and dtype. Returns ``(levels [B, Hl, Wl, C] each, rois [K, 5], restore)``."""
+    if not isinstance(levels, (list, tuple)) or len(levels) == 0:
+        _fail(TypeError, "features", "a non-empty list or tuple of feature levels",
+              f"{type(levels).__name__}")
+    first = canonicalize(levels[0], boxes, data_format)
+    out = [first.features]
+    for i, level in enumerate(levels[1:], start=1):
+        level = check_features(level, arg=f"features[{i}]")
+        if level.dtype != levels[0].dtype:
+            _fail(TypeError, f"features[{i}]", f"dtype {jnp.dtype(levels[0].dtype)} like features[0]",
+                  f"dtype {level.dtype}")
+        if data_format == "NCHW":
+            level = jnp.moveaxis(level, -3, -1)
+        expect = first.features.shape[0]
+        lead_ok = level.ndim == jnp.ndim(levels[0]) and (
+            level.shape[:-3] == jnp.shape(levels[0])[:-3]) and level.shape[-1] == first.features.shape[-1]
+        if not lead_ok:
+            _fail(ValueError, f"features[{i}]",
+                  f"the leading axes and channel count of features[0] (shape {tuple(jnp.shape(levels[0]))})",
+                  f"shape {tuple(level.shape)}")
+        out.append(level.reshape((expect,) + level.shape[-3:]))
+    return out, first.rois, first.restore

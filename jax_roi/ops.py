@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jax_roi import _inputs
 from jax_roi import ffi as _ffi
@@ -115,3 +116,50 @@ def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe"
     canon = _inputs.canonicalize(features, boxes, data_format)
     out = impl.roi_pool(canon.features, canon.rois, size, spatial_scale=spatial_scale, binning=binning)
     return canon.restore(out)
+
+
+def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampling_ratio=-1, aligned=True,
+                         canonical_scale=224, canonical_level=4, data_format="NHWC", implementation=None):
+    """Multi-level (FPN) RoIAlign: each box is average-pooled on one level, chosen by its size.
+
+    The level is :func:`jax_roi.fpn_levels` (torchvision's ``MultiScaleRoIAlign`` rule); the
+    result equals ``roi_align`` of each box on its level, in box order. Each box is sampled
+    once, on its level only.
+
+    Args:
+      features: a sequence of levels, each ``[B, Hl, Wl, C]`` (or ``[B, C, Hl, Wl]`` for
+        NCHW; with per-image boxes any common leading axes), finest first.
+      boxes: ``[B, R, 4]`` per image or ``[K, 5]`` rois, in image pixels.
+      output_size: ``int`` or ``(oh, ow)``.
+      spatial_scales: one power of two per level, e.g. ``[1/4, 1/8, 1/16, 1/32]``.
+      sampling_ratio, aligned, data_format, implementation: as :func:`roi_align`
+        (torchvision's module uses ``aligned=False``).
+      canonical_scale, canonical_level: ``s0`` and ``k0`` of the level rule.
+
+    Returns:
+      ``[B, R, oh, ow, C]`` or ``[K, oh, ow, C]`` in the features' dtype.
+    """
+    from jax_roi.pyramid import fpn_levels
+
+    size = _inputs.output_size_pair(output_size)
+    if not isinstance(spatial_scales, (list, tuple)):
+        raise TypeError(f"spatial_scales: expected a list or tuple of floats, one per level, "
+                        f"got {type(spatial_scales).__name__}")
+    spatial_scales = [_inputs.static_float(f"spatial_scales[{i}]", s) for i, s in enumerate(spatial_scales)]
+    sampling_ratio = _inputs.static_int("sampling_ratio", sampling_ratio)
+    aligned = _inputs.static_bool("aligned", aligned)
+    canonical_scale = _inputs.static_float("canonical_scale", canonical_scale)
+    canonical_level = _inputs.static_int("canonical_level", canonical_level)
+    impl = _implementation(implementation)
+    levels, rois, restore = _inputs.canonicalize_levels(features, boxes, data_format)
+    if len(levels) != len(spatial_scales):
+        raise ValueError(f"spatial_scales: expected one scale per level ({len(levels)} levels), "
+                         f"got {len(spatial_scales)}")
+    level_ids = fpn_levels(rois[:, 1:], spatial_scales, canonical_scale=canonical_scale,
+                           canonical_level=canonical_level)
+    # A box without a level (non-finite area) is pooled to zeros, like a padding box.
+    rois = rois.at[:, 0].set(jnp.where(level_ids >= 0, rois[:, 0], -1))
+    out = impl.multilevel_roi_align(levels, rois, jnp.maximum(level_ids, 0), size,
+                                    spatial_scales=spatial_scales, sampling_ratio=sampling_ratio,
+                                    aligned=aligned)
+    return restore(out)

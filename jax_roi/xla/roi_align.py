@@ -17,6 +17,8 @@ in the coordinate dtype); the public API in ``jax_roi.ops`` does the checking.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -27,31 +29,97 @@ from jax_roi.xla.contraction import accumulation_dtype, separable_gather_sum
 _MAX_UNROLLED_PAIRS = 64
 
 
-def _axes(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize, normalize):
-    num_images, height, width, _ = features.shape
-    oh, ow = output_size
+class Maps(NamedTuple):
+    """One or several feature maps flattened to ``[N, C]`` rows, and where each box reads.
+
+    ``base``, ``height``, ``width`` and ``scale`` are ``[K]``: the first row of the box's
+    image on its map, that map's size and spatial scale. ``bound_h``/``bound_w`` are the
+    static largest map sizes (they bound the adaptive sample count).
+    """
+
+    flat: jnp.ndarray
+    base: jnp.ndarray
+    height: jnp.ndarray
+    width: jnp.ndarray
+    scale: jnp.ndarray
+    live: jnp.ndarray
+    bound_h: int
+    bound_w: int
+
+
+def single_map(features, rois, spatial_scale) -> Maps:
+    num_images, height, width, channels = features.shape
     batch, live = sampling.live_boxes(rois, num_images)
-    common = dict(live=live, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+    k = rois.shape[0]
+    return Maps(features.reshape(num_images * height * width, channels), batch * (height * width),
+                jnp.full((k,), height, jnp.int32), jnp.full((k,), width, jnp.int32),
+                jnp.full((k,), spatial_scale, rois.dtype), live, height, width)
+
+
+def pyramid_maps(levels, rois, level_ids, spatial_scales) -> Maps:
+    """The levels of a pyramid as one row space: box ``k`` reads level ``level_ids[k]``.
+
+    Concatenating the levels costs one copy of the features, and then every box is
+    sampled once on its own level, in one pass (no per-level pass over all boxes).
+    """
+    num_images, channels = levels[0].shape[0], levels[0].shape[-1]
+    batch, live = sampling.live_boxes(rois, num_images)
+    sizes = [lvl.shape[1] * lvl.shape[2] for lvl in levels]
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + num_images * n)
+
+    def per_level(values, dtype):
+        return jnp.asarray(values, dtype)[level_ids]
+
+    flat = jnp.concatenate([lvl.reshape(-1, channels) for lvl in levels], axis=0)
+    base = per_level(offsets, jnp.int32) + batch * per_level(sizes, jnp.int32)
+    return Maps(flat, base, per_level([lvl.shape[1] for lvl in levels], jnp.int32),
+                per_level([lvl.shape[2] for lvl in levels], jnp.int32),
+                per_level(spatial_scales, rois.dtype), live,
+                max(lvl.shape[1] for lvl in levels), max(lvl.shape[2] for lvl in levels))
+
+
+def _axes(maps: Maps, rois, output_size, sampling_ratio, aligned, quantize, normalize):
+    oh, ow = output_size
+    common = dict(live=maps.live, spatial_scale=maps.scale, sampling_ratio=sampling_ratio,
                   aligned=aligned, quantize=quantize, normalize=normalize)
-    taps_y = sampling.axis_taps(rois[:, 2], rois[:, 4], bins=oh, size=height, **common)
-    taps_x = sampling.axis_taps(rois[:, 1], rois[:, 3], bins=ow, size=width, **common)
-    return batch, taps_y, taps_x
+    taps_y = sampling.axis_taps(rois[:, 2], rois[:, 4], bins=oh, size=maps.height,
+                                bound=sampling.sample_bound(sampling_ratio, maps.bound_h, oh), **common)
+    taps_x = sampling.axis_taps(rois[:, 1], rois[:, 3], bins=ow, size=maps.width,
+                                bound=sampling.sample_bound(sampling_ratio, maps.bound_w, ow), **common)
+    return taps_y, taps_x
 
 
 def roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
               reduction="avg", quantize=False):
     """Canonical-form RoIAlign (``quantize=True``: RoIWarp). Returns ``[K, oh, ow, C]``."""
+    maps = single_map(features, rois, spatial_scale)
+    out = sample_maps(maps, rois, output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+                      reduction=reduction, quantize=quantize)
+    return out.astype(features.dtype)
+
+
+def multilevel_roi_align(levels, rois, level_ids, output_size, *, spatial_scales, sampling_ratio=-1,
+                         aligned=True):
+    """RoIAlign (avg) of each box on its own pyramid level. Returns ``[K, oh, ow, C]``."""
+    maps = pyramid_maps(levels, rois, level_ids, spatial_scales)
+    out = sample_maps(maps, rois, output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+                      reduction="avg", quantize=False)
+    return out.astype(levels[0].dtype)
+
+
+def sample_maps(maps: Maps, rois, output_size, *, sampling_ratio, aligned, reduction, quantize):
+    """Bilinear RoI sampling of every box on its map, in the accumulation dtype."""
     if quantize:
         aligned = False
     if reduction == "avg":
-        return _align_avg(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize)
-    return _align_max(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize)
+        return _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize)
+    return _align_max(maps, rois, output_size, sampling_ratio, aligned, quantize)
 
 
-def _align_avg(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize):
-    num_images, height, width, channels = features.shape
-    batch, taps_y, taps_x = _axes(features, rois, output_size, spatial_scale, sampling_ratio, aligned,
-                                  quantize, normalize=True)
+def _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize):
+    taps_y, taps_x = _axes(maps, rois, output_size, sampling_ratio, aligned, quantize, normalize=True)
     rows, w_rows, live_rows = sampling.interleave(taps_y)
     cols, w_cols, live_cols = sampling.interleave(taps_x)
     static = rows.shape[-1] * cols.shape[-1] <= _MAX_UNROLLED_PAIRS and sampling_ratio > 0
@@ -61,10 +129,8 @@ def _align_avg(features, rois, output_size, spatial_scale, sampling_ratio, align
         rows, w_rows, counts_y = sampling.merge_taps(rows, w_rows, live_rows)
         cols, w_cols, counts_x = sampling.merge_taps(cols, w_cols, live_cols)
         n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
-    flat = features.reshape(num_images * height * width, channels)
-    base = batch * (height * width)
-    out = separable_gather_sum(flat, base, rows * width, w_rows, cols, w_cols, n_rows, n_cols, static)
-    return out.astype(features.dtype)
+    return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols,
+                                w_cols, n_rows, n_cols, static)
 
 
 def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):
@@ -88,7 +154,7 @@ def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):
     channels = flat.shape[-1]
     for rows, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
         for cols, wx in ((x_lo, wx_lo), (x_hi, wx_hi)):
-            idx = base[:, None, None, None] + rows * width + cols
+            idx = base[:, None, None, None] + rows * width[:, None, None, None] + cols
             if per_channel:
                 idx = idx * channels + jnp.arange(channels)
                 v = flat.reshape(-1).at[idx].get(mode="promise_in_bounds")
@@ -98,14 +164,11 @@ def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):
     return value
 
 
-def _align_max(features, rois, output_size, spatial_scale, sampling_ratio, aligned, quantize):
-    num_images, height, width, channels = features.shape
-    acc = accumulation_dtype(features.dtype)
-    batch, taps_y, taps_x = _axes(features, rois, output_size, spatial_scale, sampling_ratio, aligned,
-                                  quantize, normalize=False)
-    flat = features.reshape(num_images * height * width, channels)
-    base = batch * (height * width)
-    k, (oh, ow) = rois.shape[0], output_size
+def _align_max(maps, rois, output_size, sampling_ratio, aligned, quantize):
+    flat, base, width = maps.flat, maps.base, maps.width
+    acc = accumulation_dtype(flat.dtype)
+    taps_y, taps_x = _axes(maps, rois, output_size, sampling_ratio, aligned, quantize, normalize=False)
+    k, (oh, ow), channels = rois.shape[0], output_size, flat.shape[-1]
     gx_bound = taps_x.bound
 
     # Search (no gradient): the running maximum over the samples that exist, and where it is.
@@ -129,4 +192,4 @@ def _align_max(features, rois, output_size, spatial_scale, sampling_ratio, align
     has = arg >= 0
     safe = jnp.where(has, arg, 0)
     value = _sample_value(flat, base, width, taps_y, taps_x, safe // gx_bound, safe % gx_bound, acc)
-    return jnp.where(has, value, 0).astype(features.dtype)
+    return jnp.where(has, value, 0)

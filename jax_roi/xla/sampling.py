@@ -63,9 +63,13 @@ def sample_bound(sampling_ratio: int, size: int, bins: int) -> int:
     return sampling_ratio if sampling_ratio > 0 else adaptive_cap(size, bins)
 
 
-def axis_taps(c1, c2, *, live, spatial_scale: float, bins: int, size: int, sampling_ratio: int,
+def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampling_ratio: int,
               aligned: bool, quantize: bool, normalize: bool) -> AxisTaps:
     """Sample taps of one axis for ``K`` boxes spanning ``[c1, c2]`` in image pixels.
+
+    ``size`` and ``spatial_scale`` are scalars, or ``[K]`` arrays when the boxes sit on
+    maps of different sizes (the levels of a feature pyramid); ``bound`` is the static
+    bound of the per-bin sample count (:func:`sample_bound` over those maps).
 
     ``live`` ([K] bool) is False for a box that must give zeros and no gradient (a
     non-finite coordinate or a batch index outside the batch); its coordinates are
@@ -86,12 +90,12 @@ def axis_taps(c1, c2, *, live, spatial_scale: float, bins: int, size: int, sampl
         length = jnp.where(length < 1, jnp.ones_like(length), length)
     bin_size = length / bins
 
-    bound = sample_bound(sampling_ratio, size, bins)
+    size = jnp.broadcast_to(jnp.asarray(size, jnp.int32), c1.shape)
     if sampling_ratio > 0:
         count = jnp.full(c1.shape, sampling_ratio, jnp.int32)
     else:
         # ceil in float, capped before the cast so that an absurd box cannot overflow.
-        count = jnp.minimum(jnp.ceil(bin_size), bound)
+        count = jnp.minimum(jnp.ceil(bin_size), (size + bins - 1) // bins)
         count = jnp.where(jnp.isfinite(count), count, 0).astype(jnp.int32)
     count = jnp.where(live, count, 0)
     count_f = jnp.maximum(count, 1).astype(dtype)
@@ -101,6 +105,7 @@ def axis_taps(c1, c2, *, live, spatial_scale: float, bins: int, size: int, sampl
     # Same association as torchvision: (start + p*bin) + ((i + 0.5) * bin) / g.
     pos = (start[:, None, None] + p * bin_size[:, None, None]) + (
         (i + 0.5) * bin_size[:, None, None]) / count_f[:, None, None]
+    size = size[:, None, None]
     valid = (jnp.arange(bound)[None, None, :] < count[:, None, None]) & (pos >= -1) & (pos <= size)
     pos = jnp.where(valid, pos, 0)  # the double-where: no inf/NaN in dead branches
 
