@@ -1,11 +1,38 @@
-// pybind11 module that hands the XLA FFI handlers to Python as capsules.
+// pybind11 module jax_roi._ext: hands the XLA FFI handlers to Python as capsules, which
+// jax_roi/ffi/_loader.py registers with jax.ffi.register_ffi_target.
+//
+// Target names (the same on every platform; the platform is given at registration):
+//   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd
 #include <pybind11/pybind11.h>
+
+#include "cpu_targets.h"
 
 namespace py = pybind11;
 
+namespace {
+
+template <typename Fn>
+py::capsule Capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler takes XLA_FFI_CallFrame* and returns XLA_FFI_Error*");
+  return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_ext, m) {
   m.doc() = "jax_roi XLA FFI kernels";
-  m.def("cpu_targets", []() { return py::dict(); });
+  m.def("cpu_targets", []() {
+    py::dict d;
+    d["jax_roi_roi_align_fwd"] = Capsule(JaxRoiAlignForwardCpu);
+    d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCpu);
+    d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCpu);
+    d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCpu);
+    return d;
+  });
+  // Filled by the CUDA build (JAX_ROI_CUDA): same names, registered for platform "CUDA".
   m.def("cuda_targets", []() { return py::dict(); });
   m.attr("has_cuda") = false;
+  // Bumped whenever a target's operands or attributes change; the Python side checks it.
+  m.attr("abi_version") = 1;
 }

@@ -1,0 +1,267 @@
+// Shared plumbing of the CPU kernels: element types, a deadlock-free parallel-for on XLA's
+// intra-op thread pool, and argument checks that turn into ffi::Error.
+#ifndef JAX_ROI_XLA_FFI_CPU_COMMON_H_
+#define JAX_ROI_XLA_FFI_CPU_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "roi_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_roi {
+namespace cpu {
+
+namespace ffi = xla::ffi;
+
+// ---------------------------------------------------------------------------------------
+// Element types. 16-bit floats are stored as uint16_t and converted by bit operations.
+// ---------------------------------------------------------------------------------------
+
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(bf16 v) { return bf16_to_float(v.bits); }
+inline float to_acc(f16 v) { return half_to_float(v.bits); }
+
+template <typename S>
+struct Store;
+template <>
+struct Store<float> {
+  static float from(float v) { return v; }
+};
+template <>
+struct Store<double> {
+  static double from(double v) { return v; }
+};
+template <>
+struct Store<bf16> {
+  static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
+};
+template <>
+struct Store<f16> {
+  static f16 from(float v) { return f16{float_to_half(v)}; }
+};
+
+// Accumulation (and coordinate) type of a storage type: double for float64, else float.
+template <typename S>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// Calls f.template operator()<S>() with the storage type of `dtype`; false if unsupported.
+template <typename F>
+bool DispatchFloat(ffi::DataType dtype, F&& f) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      f(float{});
+      return true;
+    case ffi::DataType::F64:
+      f(double{});
+      return true;
+    case ffi::DataType::BF16:
+      f(bf16{});
+      return true;
+    case ffi::DataType::F16:
+      f(f16{});
+      return true;
+    default:
+      return false;
+  }
+}
+
+inline const char* DtypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32:
+      return "float32";
+    case ffi::DataType::F64:
+      return "float64";
+    case ffi::DataType::BF16:
+      return "bfloat16";
+    case ffi::DataType::F16:
+      return "float16";
+    case ffi::DataType::S32:
+      return "int32";
+    case ffi::DataType::S64:
+      return "int64";
+    default:
+      return "an unsupported dtype";
+  }
+}
+
+inline std::string ShapeString(ffi::AnyBuffer::Dimensions d) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < d.size(); ++i) os << (i ? ", " : "") << d[i];
+  os << "]";
+  return os.str();
+}
+
+inline ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument(msg); }
+
+// ---------------------------------------------------------------------------------------
+// Parallel for. Work is split into `chunks` items claimed from an atomic counter by the
+// calling thread and by up to (threads - 1) helper tasks on XLA's intra-op pool. The caller
+// always works too and only waits for chunks that a helper has already claimed, so the
+// loop finishes even when no helper ever runs (a busy or absent pool). Helpers that start
+// late find no work and touch only the shared state they co-own.
+// ---------------------------------------------------------------------------------------
+
+class ParallelState {
+ public:
+  explicit ParallelState(int64_t chunks) : chunks_(chunks) {}
+  // Runs chunks until none is left.
+  void Work(const std::function<void(int64_t)>* fn) {
+    for (;;) {
+      const int64_t c = next_.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks_) return;
+      (*fn)(c);
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks_) {
+        std::lock_guard<std::mutex> lock(mu_);
+        cv_.notify_all();
+      }
+    }
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire) >= chunks_; });
+  }
+
+ private:
+  const int64_t chunks_;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int64_t> done_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+// Runs fn(chunk) for chunk in [0, chunks), on the pool's threads and the caller's.
+inline void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const std::function<void(int64_t)>& fn) {
+  if (chunks <= 0) return;
+  int64_t threads = pool.num_threads();
+  int64_t helpers = std::min<int64_t>(std::max<int64_t>(threads, 1), chunks) - 1;
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < chunks; ++c) fn(c);
+    return;
+  }
+  auto state = std::make_shared<ParallelState>(chunks);
+  const std::function<void(int64_t)>* fn_ptr = &fn;
+  for (int64_t h = 0; h < helpers; ++h) {
+    // A helper dereferences fn_ptr only after claiming a chunk, and every chunk is claimed
+    // and finished before the caller returns from Wait(), so fn outlives its uses.
+    pool.Schedule([state, fn_ptr]() { state->Work(fn_ptr); });
+  }
+  state->Work(fn_ptr);
+  state->Wait();
+}
+
+inline int64_t PoolThreads(ffi::ThreadPool& pool) { return std::max<int64_t>(pool.num_threads(), 1); }
+
+// ---------------------------------------------------------------------------------------
+// Feature levels
+// ---------------------------------------------------------------------------------------
+
+struct Level {
+  const void* data;
+  int64_t batch, height, width;
+  double scale;
+};
+
+// Checks the remaining args as L feature levels [B, H_l, W_l, C] of one dtype, B and C.
+inline ffi::Error DecodeLevels(const ffi::RemainingArgs& args, size_t first, size_t count,
+                               ffi::DataType* dtype, int64_t* channels, Level* levels,
+                               const char* op) {
+  for (size_t l = 0; l < count; ++l) {
+    auto buf = args.get<ffi::AnyBuffer>(first + l);
+    if (buf.has_error()) return buf.error();
+    const ffi::AnyBuffer& f = *buf;
+    auto d = f.dimensions();
+    if (d.size() != 4) {
+      return Invalid(std::string(op) + ": features level " + std::to_string(l) +
+                     ": expected rank 4 [B, H, W, C], got shape " + ShapeString(d));
+    }
+    if (l == 0) {
+      *dtype = f.element_type();
+      *channels = d[3];
+    } else {
+      if (f.element_type() != *dtype) {
+        return Invalid(std::string(op) + ": features level " + std::to_string(l) + ": expected dtype " +
+                       DtypeName(*dtype) + " like level 0, got " + DtypeName(f.element_type()));
+      }
+      if (d[0] != levels[0].batch || d[3] != *channels) {
+        return Invalid(std::string(op) + ": features level " + std::to_string(l) +
+                       ": expected the batch and channel sizes of level 0, got shape " + ShapeString(d));
+      }
+    }
+    levels[l].data = f.untyped_data();
+    levels[l].batch = d[0];
+    levels[l].height = d[1];
+    levels[l].width = d[2];
+    levels[l].scale = 1.0;
+  }
+  return ffi::Error::Success();
+}
+
+inline ffi::DataType CoordType(ffi::DataType feature_dtype) {
+  return feature_dtype == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+}
+
+inline ffi::Error CheckRois(const ffi::AnyBuffer& rois, ffi::DataType feature_dtype, const char* op,
+                            int64_t* num_rois) {
+  auto d = rois.dimensions();
+  if (d.size() != 2 || d[1] != 5) {
+    return Invalid(std::string(op) + ": rois: expected shape [K, 5], got " + ShapeString(d));
+  }
+  if (rois.element_type() != CoordType(feature_dtype)) {
+    return Invalid(std::string(op) + ": rois: expected dtype " + DtypeName(CoordType(feature_dtype)) +
+                   " for " + DtypeName(feature_dtype) + " features, got " + DtypeName(rois.element_type()));
+  }
+  *num_rois = d[0];
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckShape(const ffi::AnyBuffer& b, std::initializer_list<int64_t> want, ffi::DataType dtype,
+                             const std::string& what) {
+  auto d = b.dimensions();
+  bool ok = d.size() == want.size();
+  size_t i = 0;
+  for (int64_t w : want) {
+    if (!ok) break;
+    ok = d[i++] == w;
+  }
+  if (!ok) {
+    std::ostringstream os;
+    os << "[";
+    i = 0;
+    for (int64_t w : want) os << (i++ ? ", " : "") << w;
+    os << "]";
+    return Invalid(what + ": expected shape " + os.str() + ", got " + ShapeString(d));
+  }
+  if (b.element_type() != dtype) {
+    return Invalid(what + ": expected dtype " + DtypeName(dtype) + ", got " + DtypeName(b.element_type()));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace cpu
+}  // namespace jax_roi
+
+#endif  // JAX_ROI_XLA_FFI_CPU_COMMON_H_

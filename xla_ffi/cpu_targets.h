@@ -1,0 +1,14 @@
+// The CPU FFI handlers (defined with XLA_FFI_DEFINE_HANDLER_SYMBOL in roi_*_cpu.cc).
+#ifndef JAX_ROI_XLA_FFI_CPU_TARGETS_H_
+#define JAX_ROI_XLA_FFI_CPU_TARGETS_H_
+
+#include "xla/ffi/api/c_api.h"
+
+extern "C" {
+XLA_FFI_Error* JaxRoiAlignForwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignBackwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolForwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolBackwardCpu(XLA_FFI_CallFrame* call_frame);
+}
+
+#endif  // JAX_ROI_XLA_FFI_CPU_TARGETS_H_

@@ -1,0 +1,302 @@
+// Per-sample arithmetic of RoIAlign / RoIWarp / RoIPool, shared by every kernel.
+//
+// This header is the C++ twin of jax_roi/xla/sampling.py and jax_roi/xla/roi_pool.py and
+// follows SEMANTICS.md to the operation: same formulas, same association of the float
+// operations, same clamps. Every function is inline and marked ROI_HD so that a CUDA
+// translation unit can call it from device code; nothing here allocates or uses std::
+// containers. Compile with floating-point contraction off (-ffp-contract=off, nvcc
+// --fmad=false) where bit-for-bit agreement with the pure-JAX path matters.
+//
+// T is the coordinate type: float, or double when the features are float64.
+#ifndef JAX_ROI_XLA_FFI_ROI_MATH_H_
+#define JAX_ROI_XLA_FFI_ROI_MATH_H_
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define ROI_HD __host__ __device__
+#else
+#define ROI_HD
+#endif
+
+namespace jax_roi {
+
+// ---------------------------------------------------------------------------------------
+// Scalar helpers (float and double overloads; no std:: so that device code can use them).
+// ---------------------------------------------------------------------------------------
+
+ROI_HD inline float roi_floor(float x) { return floorf(x); }
+ROI_HD inline double roi_floor(double x) { return floor(x); }
+ROI_HD inline float roi_ceil(float x) { return ceilf(x); }
+ROI_HD inline double roi_ceil(double x) { return ceil(x); }
+// std::round: half away from zero (jnp.round is half to even; SEMANTICS uses this one).
+ROI_HD inline float roi_round(float x) { return roundf(x); }
+ROI_HD inline double roi_round(double x) { return round(x); }
+
+// True for finite x (false for +-inf and NaN). Needs IEEE semantics (no -ffast-math).
+template <typename T>
+ROI_HD inline bool roi_finite(T x) {
+  return (x - x) == T(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// 16-bit floats <-> float, by bit operations (round to nearest even, as XLA's convert).
+// ---------------------------------------------------------------------------------------
+
+ROI_HD inline uint32_t roi_float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof(u));
+  return u;
+}
+ROI_HD inline float roi_bits_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+ROI_HD inline float bf16_to_float(uint16_t h) { return roi_bits_float(static_cast<uint32_t>(h) << 16); }
+
+ROI_HD inline uint16_t float_to_bf16(float f) {
+  uint32_t u = roi_float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+ROI_HD inline float half_to_float(uint16_t h) {
+  const uint32_t shifted_exp = 0x7c00u << 13;
+  uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exp = shifted_exp & o;
+  o += (127u - 15u) << 23;
+  if (exp == shifted_exp) {
+    o += (128u - 16u) << 23;  // inf / NaN
+  } else if (exp == 0) {      // zero / subnormal: renormalise through a float subtraction
+    o += 1u << 23;
+    o = roi_float_bits(roi_bits_float(o) - roi_bits_float(113u << 23));
+  }
+  o |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  return roi_bits_float(o);
+}
+
+ROI_HD inline uint16_t float_to_half(float f) {
+  const uint32_t f32_inf = 255u << 23;
+  const uint32_t f16_max = (127u + 16u) << 23;  // 65536: the first float that rounds to inf
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  uint32_t u = roi_float_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint16_t o;
+  if (u >= f16_max) {
+    o = (u > f32_inf) ? 0x7e00 : 0x7c00;
+  } else if (u < (113u << 23)) {  // the half is subnormal or zero: let the FPU round
+    o = static_cast<uint16_t>(roi_float_bits(roi_bits_float(u) + roi_bits_float(denorm_magic)) -
+                              denorm_magic);
+  } else {
+    const uint32_t mant_odd = (u >> 13) & 1u;
+    u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;
+    u += mant_odd;
+    o = static_cast<uint16_t>(u >> 13);
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+// ---------------------------------------------------------------------------------------
+// Boxes
+// ---------------------------------------------------------------------------------------
+
+// The image a roi reads, or -1 when the roi is dead: a non-finite coordinate, or a batch
+// index whose truncation (torchvision's int()) falls outside [0, num_images).
+template <typename T>
+ROI_HD inline int64_t roi_batch_index(const T* roi, int64_t num_images) {
+  for (int j = 0; j < 5; ++j) {
+    if (!roi_finite(roi[j])) return -1;
+  }
+  const T b = roi[0];
+  // trunc(b) in [0, B) <=> -1 < b < B for finite b.
+  if (!(b > T(-1)) || !(b < static_cast<T>(num_images))) return -1;
+  const int64_t i = static_cast<int64_t>(b);  // truncation toward zero
+  return (i >= 0 && i < num_images) ? i : -1;
+}
+
+// ---------------------------------------------------------------------------------------
+// RoIAlign / RoIWarp: per-axis geometry
+// ---------------------------------------------------------------------------------------
+
+// The adaptive sample-count cap ceil(size / bins), at least 1 (SEMANTICS.md).
+ROI_HD inline int adaptive_cap(int64_t size, int64_t bins) {
+  const int64_t c = (size + bins - 1) / bins;
+  return static_cast<int>(c < 1 ? 1 : c);
+}
+
+// The static bound on samples per bin side: the fixed ratio, or the adaptive cap. The cap
+// applies to the adaptive count only; a fixed sampling_ratio is used as given.
+ROI_HD inline int sample_bound(int64_t sampling_ratio, int64_t size, int64_t bins) {
+  return sampling_ratio > 0 ? static_cast<int>(sampling_ratio) : adaptive_cap(size, bins);
+}
+
+template <typename T>
+struct AxisGeom {
+  T start;     // where bin 0 begins, in feature pixels
+  T bin;       // bin size
+  int count;   // samples per bin; <= 0: the bin has none
+  T count_f;   // max(count, 1), the divisor of the sample offsets and of the average
+  T d_length;  // d(length)/d(raw length): 0 where the legacy max(length, 1) clamps
+  T d_coord;   // d(start)/d(c1) = d(end)/d(c2): the spatial scale (0 when quantized)
+};
+
+// Geometry of one axis of a live box spanning [c1, c2] in image pixels.
+template <typename T>
+ROI_HD inline AxisGeom<T> axis_geometry(T c1, T c2, T scale, int64_t bins, int64_t size,
+                                        int64_t sampling_ratio, bool aligned, bool quantize) {
+  AxisGeom<T> g;
+  T start, end;
+  if (quantize) {  // RoIWarp: snap to the feature grid, then legacy RoIAlign
+    start = roi_round(c1 * scale);
+    end = roi_round(c2 * scale);
+    aligned = false;
+    g.d_coord = T(0);
+  } else {
+    const T offset = aligned ? T(0.5) : T(0);
+    start = c1 * scale - offset;
+    end = c2 * scale - offset;
+    g.d_coord = scale;
+  }
+  T length = end - start;
+  g.d_length = T(1);
+  if (!aligned && length < T(1)) {  // legacy: a malformed box becomes one pixel wide
+    length = T(1);
+    g.d_length = T(0);
+  }
+  g.start = start;
+  g.bin = length / static_cast<T>(bins);
+  const int bound = sample_bound(sampling_ratio, size, bins);
+  if (sampling_ratio > 0) {
+    g.count = bound;
+  } else {
+    // ceil in float, capped before the cast so that an absurd box cannot overflow.
+    T c = roi_ceil(g.bin);
+    if (!roi_finite(c)) {
+      g.count = 0;
+    } else {
+      if (c > static_cast<T>(bound)) c = static_cast<T>(bound);
+      if (c < T(0)) c = T(0);
+      g.count = static_cast<int>(c);
+    }
+  }
+  g.count_f = static_cast<T>(g.count > 1 ? g.count : 1);
+  return g;
+}
+
+// Position of sample i of bin p, torchvision's association:
+// (start + p*bin) + ((i + 0.5) * bin) / count.
+template <typename T>
+ROI_HD inline T sample_position(const AxisGeom<T>& g, int64_t p, int64_t i) {
+  return (g.start + static_cast<T>(p) * g.bin) + ((static_cast<T>(i) + T(0.5)) * g.bin) / g.count_f;
+}
+
+// d(position)/d(c1) and d(position)/d(c2) of sample i of bin p (counts held constant).
+template <typename T>
+ROI_HD inline void sample_position_grad(const AxisGeom<T>& g, int64_t p, int64_t i, int64_t bins,
+                                        T* d_c1, T* d_c2) {
+  const T d_bin = (static_cast<T>(p) + (static_cast<T>(i) + T(0.5)) / g.count_f);  // d pos / d bin
+  const T d_len = d_bin * g.d_length / static_cast<T>(bins);                        // d pos / d length
+  *d_c1 = g.d_coord * (T(1) - d_len);
+  *d_c2 = g.d_coord * d_len;
+}
+
+// The two bilinear taps of one sample along one axis.
+template <typename T>
+struct Tap {
+  int lo, hi;  // neighbouring rows (or columns), both inside [0, size)
+  T w_lo, w_hi;  // weights, validity and `norm` folded in (both 0 for an invalid sample)
+  T dw;          // d(w_hi)/d(position) = -d(w_lo)/d(position); 0 where a clamp holds
+};
+
+// Taps of a sample at `pos` on an axis of `size` cells (size >= 1). `exists`: the sample
+// index is below the bin's count. `norm`: 1/count for an average, 1 for a maximum.
+// Validity -1 <= pos <= size (NaN fails); pos <= 0 clamps to 0; the last cell clamps.
+template <typename T>
+ROI_HD inline Tap<T> bilinear_tap(T pos, int64_t size, bool exists, T norm) {
+  Tap<T> t;
+  const bool valid = exists && pos >= T(-1) && pos <= static_cast<T>(size);
+  if (!valid) {
+    t.lo = 0;
+    t.hi = 0;
+    t.w_lo = T(0);
+    t.w_hi = T(0);
+    t.dw = T(0);
+    return t;
+  }
+  bool moves = true;  // the fraction follows the position (no clamp active)
+  if (pos <= T(0)) {
+    pos = T(0);
+    moves = false;
+  }
+  int64_t lo = static_cast<int64_t>(roi_floor(pos));  // 0 <= pos <= size: no overflow
+  int64_t hi;
+  if (lo >= size - 1) {
+    lo = size - 1;
+    hi = size - 1;
+    pos = static_cast<T>(lo);
+    moves = false;
+  } else {
+    hi = lo + 1;
+  }
+  const T frac = pos - static_cast<T>(lo);
+  t.lo = static_cast<int>(lo);
+  t.hi = static_cast<int>(hi);
+  t.w_lo = (T(1) - frac) * norm;
+  t.w_hi = frac * norm;
+  t.dw = moves ? norm : T(0);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------
+// RoIPool: per-axis bin ranges
+// ---------------------------------------------------------------------------------------
+
+enum PoolBinning : int64_t { kPoolCaffe = 0, kPoolFloor = 1 };
+
+// Clip to [0, size]; NaN becomes 0.
+template <typename T>
+ROI_HD inline T pool_clip(T v, int64_t size) {
+  if (!(v > T(0))) return T(0);
+  const T s = static_cast<T>(size);
+  return v < s ? v : s;
+}
+
+// Cells [*start, *start + *extent) of bin p (of `bins`) for a live box spanning [c1, c2]
+// in image pixels, clipped to [0, size); *extent == 0 for an empty bin.
+template <typename T>
+ROI_HD inline void pool_bin_range(T c1, T c2, T scale, int64_t p, int64_t bins, int64_t size,
+                                  int64_t binning, int* start, int* extent) {
+  const T pf = static_cast<T>(p);
+  T lo, hi;
+  if (binning == kPoolCaffe) {
+    const T s = roi_round(c1 * scale);
+    const T e = roi_round(c2 * scale);
+    T rw = e - s + T(1);
+    if (rw < T(1)) rw = T(1);
+    const T bin = rw / static_cast<T>(bins);
+    lo = roi_floor(pf * bin) + s;
+    hi = roi_ceil((pf + T(1)) * bin) + s;
+  } else {  // floor: bins of floor((e - s)/bins) cells, the last takes the rest
+    const T s = roi_floor(c1 * scale);
+    const T e = roi_floor(c2 * scale);
+    const T step = roi_floor((e - s) / static_cast<T>(bins));
+    lo = s + pf * step;
+    hi = (p == bins - 1) ? e : s + (pf + T(1)) * step;
+  }
+  lo = pool_clip(lo, size);
+  hi = pool_clip(hi, size);
+  T ext = hi - lo;
+  if (!(ext > T(0))) ext = T(0);
+  *start = static_cast<int>(lo);
+  *extent = static_cast<int>(ext);
+}
+
+}  // namespace jax_roi
+
+#endif  // JAX_ROI_XLA_FFI_ROI_MATH_H_

@@ -1,0 +1,249 @@
+// RoIPool (Fast R-CNN; binning "caffe" or "floor") on CPU: XLA FFI handlers.
+//
+// NHWC: features [B, H, W, C], rois [K, 5], output [K, oh, ow, C]. Each bin takes the
+// maximum over whole cells; the channel loop is innermost and contiguous. Forward splits
+// boxes across threads; backward splits channels (each thread owns a block of d_features)
+// and recomputes each bin's first maximal cell (row-major) per channel.
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace jax_roi {
+namespace cpu {
+namespace {
+
+struct PoolConfig {
+  int64_t oh = 1, ow = 1, channels = 0, num_rois = 0;
+  int64_t binning = kPoolCaffe;
+  Level level;
+};
+
+// Per-bin cell ranges of one box along both axes.
+struct PoolBins {
+  std::vector<int> y0, hy, x0, hx;
+  template <typename T>
+  void Build(const PoolConfig& cfg, const T* roi) {
+    y0.resize(cfg.oh);
+    hy.resize(cfg.oh);
+    x0.resize(cfg.ow);
+    hx.resize(cfg.ow);
+    const T scale = static_cast<T>(cfg.level.scale);
+    for (int64_t p = 0; p < cfg.oh; ++p) {
+      pool_bin_range<T>(roi[2], roi[4], scale, p, cfg.oh, cfg.level.height, cfg.binning, &y0[p], &hy[p]);
+    }
+    for (int64_t p = 0; p < cfg.ow; ++p) {
+      pool_bin_range<T>(roi[1], roi[3], scale, p, cfg.ow, cfg.level.width, cfg.binning, &x0[p], &hx[p]);
+    }
+  }
+};
+
+template <typename S>
+void PoolForwardRange(const PoolConfig& cfg, const typename AccOf<S>::type* rois, S* out, int64_t k0, int64_t k1) {
+  using A = typename AccOf<S>::type;
+  const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels;
+  const int64_t H = cfg.level.height, W = cfg.level.width;
+  const int64_t row = oh * ow * C;
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  PoolBins bins;
+  std::vector<A> best(C);
+  for (int64_t k = k0; k < k1; ++k) {
+    S* out_k = out + k * row;
+    const A* roi = rois + 5 * k;
+    const int64_t b = (H > 0 && W > 0) ? roi_batch_index(roi, cfg.level.batch) : -1;
+    if (b < 0) {
+      std::memset(static_cast<void*>(out_k), 0, sizeof(S) * row);
+      continue;
+    }
+    const S* img = static_cast<const S*>(cfg.level.data) + b * H * W * C;
+    bins.Build(cfg, roi);
+    for (int64_t ph = 0; ph < oh; ++ph) {
+      for (int64_t pw = 0; pw < ow; ++pw) {
+        A* bst = best.data();
+        for (int64_t c = 0; c < C; ++c) bst[c] = neg_inf;
+        for (int dy = 0; dy < bins.hy[ph]; ++dy) {
+          for (int dx = 0; dx < bins.hx[pw]; ++dx) {
+            const S* p = img + ((static_cast<int64_t>(bins.y0[ph]) + dy) * W + bins.x0[pw] + dx) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const A v = to_acc(p[c]);
+              bst[c] = v > bst[c] ? v : bst[c];
+            }
+          }
+        }
+        S* o = out_k + (ph * ow + pw) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = Store<S>::from(bst[c] == neg_inf ? A(0) : bst[c]);
+      }
+    }
+  }
+}
+
+template <typename S>
+void PoolBackwardBlock(const PoolConfig& cfg, const S* cot, const typename AccOf<S>::type* rois,
+                       typename AccOf<S>::type* d_feat, int64_t out_batch, int64_t c0, int64_t c1) {
+  using A = typename AccOf<S>::type;
+  const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels, K = cfg.num_rois;
+  const int64_t H = cfg.level.height, W = cfg.level.width, B = cfg.level.batch;
+  const int64_t cw = c1 - c0;
+  const int64_t pixels = out_batch * H * W;
+  for (int64_t q = 0; q < pixels; ++q) std::memset(d_feat + q * C + c0, 0, sizeof(A) * cw);
+  if (H <= 0 || W <= 0 || B <= 0) return;
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  PoolBins bins;
+  std::vector<A> best(cw);
+  std::vector<int64_t> arg(cw);
+  for (int64_t k = 0; k < K; ++k) {
+    const A* roi = rois + 5 * k;
+    const int64_t b = roi_batch_index(roi, out_batch);
+    if (b < 0) continue;
+    const S* img = static_cast<const S*>(cfg.level.data) + (b % B) * H * W * C + c0;
+    A* dimg = d_feat + b * H * W * C + c0;
+    bins.Build(cfg, roi);
+    for (int64_t ph = 0; ph < oh; ++ph) {
+      for (int64_t pw = 0; pw < ow; ++pw) {
+        for (int64_t c = 0; c < cw; ++c) {
+          best[c] = neg_inf;
+          arg[c] = -1;
+        }
+        for (int dy = 0; dy < bins.hy[ph]; ++dy) {
+          for (int dx = 0; dx < bins.hx[pw]; ++dx) {
+            const int64_t cell = (static_cast<int64_t>(bins.y0[ph]) + dy) * W + bins.x0[pw] + dx;
+            const S* p = img + cell * C;
+            for (int64_t c = 0; c < cw; ++c) {
+              const A v = to_acc(p[c]);
+              if (v > best[c]) {
+                best[c] = v;
+                arg[c] = cell;
+              }
+            }
+          }
+        }
+        const S* g = cot + ((k * oh + ph) * ow + pw) * C + c0;
+        for (int64_t c = 0; c < cw; ++c) {
+          if (arg[c] >= 0) dimg[arg[c] * C + c] += to_acc(g[c]);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error DecodePool(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, double scale,
+                      int64_t binning, ffi::DataType* dtype, PoolConfig* cfg) {
+  auto fd = features.dimensions();
+  if (fd.size() != 4) return Invalid(std::string(op) + ": features: expected rank 4 [B, H, W, C], got shape " + ShapeString(fd));
+  *dtype = features.element_type();
+  if (!DispatchFloat(*dtype, [](auto) {})) {
+    return Invalid(std::string(op) + ": features: expected float32, float64, bfloat16 or float16, got " +
+                   DtypeName(*dtype));
+  }
+  if (!(scale > 0) || !roi_finite(scale)) {
+    return Invalid(std::string(op) + ": spatial_scale: expected a finite number > 0, got " + std::to_string(scale));
+  }
+  if (binning != kPoolCaffe && binning != kPoolFloor) {
+    return Invalid(std::string(op) + ": binning: expected 0 (caffe) or 1 (floor), got " + std::to_string(binning));
+  }
+  if (auto err = CheckRois(rois, *dtype, op, &cfg->num_rois); err.failure()) return err;
+  cfg->level = Level{features.untyped_data(), fd[0], fd[1], fd[2], scale};
+  cfg->channels = fd[3];
+  cfg->binning = binning;
+  return ffi::Error::Success();
+}
+
+ffi::Error RoiPoolForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer rois, ffi::AnyBuffer features,
+                              ffi::Result<ffi::AnyBuffer> out, double spatial_scale, int64_t binning) {
+  const char* op = "jax_roi roi_pool forward";
+  PoolConfig cfg;
+  ffi::DataType dtype;
+  if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &cfg); err.failure()) return err;
+  auto od = out->dimensions();
+  if (od.size() != 4 || od[0] != cfg.num_rois || od[1] < 1 || od[2] < 1 || od[3] != cfg.channels ||
+      out->element_type() != dtype) {
+    return Invalid(std::string(op) + ": output: expected " + DtypeName(dtype) + " [K=" + std::to_string(cfg.num_rois) +
+                   ", oh, ow, C=" + std::to_string(cfg.channels) + "], got " + DtypeName(out->element_type()) + " " +
+                   ShapeString(od));
+  }
+  cfg.oh = od[1];
+  cfg.ow = od[2];
+  const int64_t K = cfg.num_rois;
+  if (K == 0 || cfg.channels == 0) return ffi::Error::Success();
+  DispatchFloat(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    using A = typename AccOf<S>::type;
+    const A* r = static_cast<const A*>(rois.untyped_data());
+    S* o = static_cast<S*>(out->untyped_data());
+    const int64_t chunks = std::min<int64_t>(K, PoolThreads(pool) * 16);
+    ParallelFor(pool, chunks, [&](int64_t c) { PoolForwardRange<S>(cfg, r, o, K * c / chunks, K * (c + 1) / chunks); });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error RoiPoolBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::AnyBuffer rois, ffi::AnyBuffer features,
+                               ffi::Result<ffi::AnyBuffer> d_features, double spatial_scale, int64_t binning) {
+  const char* op = "jax_roi roi_pool backward";
+  PoolConfig cfg;
+  ffi::DataType dtype;
+  if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &cfg); err.failure()) return err;
+  const int64_t K = cfg.num_rois, C = cfg.channels;
+  auto cd = cot.dimensions();
+  if (cd.size() != 4 || cd[0] != K || cd[1] < 1 || cd[2] < 1 || cd[3] != C || cot.element_type() != dtype) {
+    return Invalid(std::string(op) + ": cotangent: expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
+                   ", oh, ow, C=" + std::to_string(C) + "], got " + DtypeName(cot.element_type()) + " " +
+                   ShapeString(cd));
+  }
+  cfg.oh = cd[1];
+  cfg.ow = cd[2];
+  const ffi::DataType ctype = CoordType(dtype);
+  auto dd = d_features->dimensions();
+  const int64_t B = cfg.level.batch;
+  const int64_t out_batch = dd.size() == 4 ? dd[0] : -1;
+  const bool batch_ok = B == 0 ? out_batch == 0 : (out_batch >= 0 && out_batch % B == 0);
+  if (dd.size() != 4 || !batch_ok || dd[1] != cfg.level.height || dd[2] != cfg.level.width || dd[3] != C ||
+      d_features->element_type() != ctype) {
+    return Invalid(std::string(op) + ": d_features: expected " + DtypeName(ctype) + " [n*" + std::to_string(B) + ", " +
+                   std::to_string(cfg.level.height) + ", " + std::to_string(cfg.level.width) + ", " +
+                   std::to_string(C) + "], got " + DtypeName(d_features->element_type()) + " " + ShapeString(dd));
+  }
+  if (C == 0) return ffi::Error::Success();
+  DispatchFloat(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    using A = typename AccOf<S>::type;
+    const A* r = static_cast<const A*>(rois.untyped_data());
+    const S* g = static_cast<const S*>(cot.untyped_data());
+    A* df = static_cast<A*>(d_features->untyped_data());
+    const int64_t threads = PoolThreads(pool);
+    int64_t block = (C + 2 * threads - 1) / (2 * threads);
+    block = std::max<int64_t>(16, (block + 15) / 16 * 16);
+    const int64_t chunks = (C + block - 1) / block;
+    ParallelFor(pool, chunks, [&](int64_t c) {
+      const int64_t c0 = c * block, c1 = std::min(C, c0 + block);
+      PoolBackwardBlock<S>(cfg, g, r, df, out_batch, c0, c1);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace jax_roi
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiPoolForwardCpu, jax_roi::cpu::RoiPoolForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // rois [K, 5]
+                                  .Arg<ffi::AnyBuffer>()  // features [B, H, W, C]
+                                  .Ret<ffi::AnyBuffer>()  // [K, oh, ow, C]
+                                  .Attr<double>("spatial_scale")
+                                  .Attr<int64_t>("binning"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiPoolBackwardCpu, jax_roi::cpu::RoiPoolBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // cotangent [K, oh, ow, C]
+                                  .Arg<ffi::AnyBuffer>()  // rois [K, 5]
+                                  .Arg<ffi::AnyBuffer>()  // features [B, H, W, C]
+                                  .Ret<ffi::AnyBuffer>()  // d_features [n*B, H, W, C], float32 or float64
+                                  .Attr<double>("spatial_scale")
+                                  .Attr<int64_t>("binning"));
