@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_roi.xla.contraction import accumulation_dtype
-from jax_roi.xla.sampling import live_boxes, round_half_away
+from jax_roi.xla.sampling import exact_divide, live_boxes, round_half_away
 
 
 def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
@@ -25,12 +25,12 @@ def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
     p = jnp.arange(bins, dtype=dtype)
     if binning == "caffe":
         s, e = round_half_away(c1 * scale), round_half_away(c2 * scale)
-        bin_size = jnp.maximum(e - s + 1, 1) / bins
+        bin_size = exact_divide(jnp.maximum(e - s + 1, 1), bins)
         start = jnp.floor(p * bin_size[:, None]) + s[:, None]
         end = jnp.ceil((p + 1) * bin_size[:, None]) + s[:, None]
     else:  # "floor": the seed document's rule, last bin takes the remainder
         s, e = jnp.floor(c1 * scale), jnp.floor(c2 * scale)
-        step = jnp.floor((e - s) / bins)[:, None]
+        step = jnp.floor(exact_divide(e - s, bins))[:, None]
         start = s[:, None] + p * step
         end = jnp.where(p == bins - 1, e[:, None], s[:, None] + (p + 1) * step)
     start = jnp.clip(start, 0, size)

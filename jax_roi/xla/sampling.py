@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax import lax
 
 
 class AxisTaps(NamedTuple):
@@ -43,6 +44,19 @@ def round_half_away(v: jnp.ndarray) -> jnp.ndarray:
     r = jnp.floor(a)
     r = r + (a - r >= 0.5)
     return jnp.sign(v) * r
+
+
+def _unfused(value):
+    """Hides ``value`` from XLA's algebraic rewrites, which are not exact in float: it would
+    contract ``a*b + c`` into a fused multiply-add and turn ``a / 3`` into ``a * (1/3)``.
+    Box and sample coordinates must round exactly as torchvision and the kernels do, or a
+    sample landing on the map's edge (``x == W``) flips validity."""
+    return lax.optimization_barrier(value)
+
+
+def exact_divide(numerator, denominator):
+    """IEEE division even by a constant (see :func:`_unfused`)."""
+    return numerator / _unfused(jnp.broadcast_to(jnp.asarray(denominator, numerator.dtype), numerator.shape))
 
 
 def live_boxes(rois, num_images):
@@ -80,15 +94,16 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
     c1 = jnp.where(live, c1, 0)
     c2 = jnp.where(live, c2, 0)
     scale = jnp.asarray(spatial_scale, dtype)
+    c1s, c2s = _unfused(c1 * scale), _unfused(c2 * scale)
     if quantize:  # RoIWarp: the box is snapped to the feature grid, then sampled as legacy RoIAlign.
-        start, end = round_half_away(c1 * scale), round_half_away(c2 * scale)
+        start, end = round_half_away(c1s), round_half_away(c2s)
     else:
         offset = jnp.asarray(0.5 if aligned else 0.0, dtype)
-        start, end = c1 * scale - offset, c2 * scale - offset
+        start, end = c1s - offset, c2s - offset
     length = end - start
     if not (aligned and not quantize):  # legacy: a malformed box becomes one pixel wide
-        length = jnp.where(length < 1, jnp.ones_like(length), length)
-    bin_size = length / bins
+        length = jnp.where(length <= 1, jnp.ones_like(length), length)  # clamped at 1 too (zero derivative)
+    bin_size = exact_divide(length, bins)
 
     size = jnp.broadcast_to(jnp.asarray(size, jnp.int32), c1.shape)
     if sampling_ratio > 0:
@@ -98,12 +113,12 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
         count = jnp.minimum(jnp.ceil(bin_size), (size + bins - 1) // bins)
         count = jnp.where(jnp.isfinite(count), count, 0).astype(jnp.int32)
     count = jnp.where(live, count, 0)
-    count_f = jnp.maximum(count, 1).astype(dtype)
+    count_f = _unfused(jnp.maximum(count, 1).astype(dtype))
 
     p = jnp.arange(bins, dtype=dtype)[None, :, None]
     i = jnp.arange(bound, dtype=dtype)[None, None, :]
     # Same association as torchvision: (start + p*bin) + ((i + 0.5) * bin) / g.
-    pos = (start[:, None, None] + p * bin_size[:, None, None]) + (
+    pos = (start[:, None, None] + _unfused(p * bin_size[:, None, None])) + (
         (i + 0.5) * bin_size[:, None, None]) / count_f[:, None, None]
     size = size[:, None, None]
     valid = (jnp.arange(bound)[None, None, :] < count[:, None, None]) & (pos >= -1) & (pos <= size)

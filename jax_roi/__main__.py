@@ -1,0 +1,5 @@
+import sys
+
+from jax_roi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Shared test set-up: float64 on (it is a supported feature dtype), the implementations
+built in this install, the torchvision golden data, and box sets with every edge case."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden", "torchvision_golden.npz")
+
+
+def built_implementations():
+    from jax_roi import ffi
+
+    return ["xla"] + (["ffi"] if jax.default_backend() in ffi.platforms() else [])
+
+
+IMPLEMENTATIONS = built_implementations()
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def golden_data():
+    with np.load(GOLDEN_PATH) as z:
+        return {k: z[k] for k in z.files}
+
+
+# Tolerances per feature dtype: (atol, rtol) against the float64 oracle.
+TOLERANCE = {
+    np.dtype("float64"): (1e-10, 1e-10),
+    np.dtype("float32"): (1e-5, 1e-5),
+    np.dtype("float16"): (1e-2, 1e-2),
+    np.dtype(jax.numpy.bfloat16): (3e-2, 2e-2),
+}
+
+
+def random_rois(rng, num_images, height, width, count, *, scale=1.0, edge=True):
+    """``[count + edge cases, 5]`` rois in image pixels for a ``height x width`` map at
+    ``scale``: boxes inside, crossing and leaving the map, and (``edge``) empty, inverted,
+    sub-pixel, padding (-1), out-of-batch, NaN, inf and absurd (1e30) boxes."""
+    img_h, img_w = height / scale, width / scale
+    x1 = rng.uniform(-0.2 * img_w, 1.0 * img_w, count)
+    y1 = rng.uniform(-0.2 * img_h, 1.0 * img_h, count)
+    bw = rng.uniform(0.3, 0.8 * img_w, count)
+    bh = rng.uniform(0.3, 0.8 * img_h, count)
+    b = rng.integers(0, num_images, count)
+    rois = [np.stack([b, x1, y1, x1 + bw, y1 + bh], axis=1)]
+    if edge:
+        cx, cy = 0.4 * img_w, 0.5 * img_h
+        rois.append(np.array([
+            [0, cx, cy, cx, cy],                      # empty
+            [0, cx + 3, cy + 2, cx - 2, cy - 3],      # inverted
+            [0, cx + 3, cy, cx - 2, cy + 4],          # one axis inverted
+            [num_images - 1, cx, cy, cx + 0.3, cy + 0.2],  # sub-pixel
+            [-1, 1, 1, 5, 5],                         # padding batch index
+            [num_images, 1, 1, 5, 5],                 # batch index past the end
+            [0, np.nan, 1, 5, 5],                     # NaN
+            [0, 1, 1, np.inf, 5],                     # inf
+            [0, -1e30, -1e30, 1e30, 1e30],            # absurd
+            [0, -2 * img_w, -2 * img_h, -img_w, -img_h],  # entirely off the map
+            [0, -0.5 * img_w, -0.5 * img_h, 1.5 * img_w, 1.5 * img_h],  # covers the map
+        ]))
+    return np.concatenate(rois).astype(np.float64)
+
+
+# The padding, past-the-end, NaN and inf boxes above: all-zero rows and no gradient.
+DEAD_ROWS = slice(-7, -3)
