@@ -1,0 +1,81 @@
+"""roi_pool on every built implementation: the seed document's worked example, the float64
+oracle over both binnings and the edge boxes, gradients, dtypes, torchvision golden data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DEAD_ROWS, TOLERANCE, random_rois
+
+import jax_roi
+import reference as R
+
+
+@pytest.mark.parametrize("binning, box, expected", [
+    ("floor", (0, 3, 7, 8), [[0.85, 0.84], [0.97, 0.96]]),
+    ("caffe", (0, 3, 6, 7), [[0.85, 0.96], [0.97, 0.96]]),
+])
+def test_worked_example(implementation, binning, box, expected):
+    feats = jnp.asarray(R.POOL_EXAMPLE_MAP, jnp.float32)[None, :, :, None]
+    out = jax_roi.roi_pool(feats, jnp.asarray([[0, *box]], jnp.float32), 2, binning=binning,
+                           implementation=implementation)
+    np.testing.assert_allclose(out[0, :, :, 0], expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("binning", ["caffe", "floor"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_matches_reference_with_gradients(implementation, binning, scale):
+    rng = np.random.default_rng(11)
+    feats = jnp.asarray(rng.standard_normal((2, 9, 12, 3)))
+    rois = random_rois(rng, 2, 9, 12, 20, scale=scale)
+    out = jax_roi.roi_pool(feats, jnp.asarray(rois), (3, 2), spatial_scale=scale, binning=binning,
+                           implementation=implementation)
+    ref = R.roi_pool_ref(np.asarray(feats), rois, (3, 2), spatial_scale=scale, binning=binning)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(out)[DEAD_ROWS], 0)
+    cot = rng.standard_normal(out.shape)
+
+    def loss(f, r):
+        return jnp.sum(jax_roi.roi_pool(f, r, (3, 2), spatial_scale=scale, binning=binning,
+                                        implementation=implementation) * cot)
+
+    d_f, d_r = jax.grad(loss, argnums=(0, 1))(feats, jnp.asarray(rois))
+    ref_f, _ = R.roi_pool_ref_vjp(np.asarray(feats), rois, (3, 2), cot, spatial_scale=scale, binning=binning)
+    np.testing.assert_allclose(np.asarray(d_f), ref_f, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(d_r), 0)  # quantized: no box gradient
+
+
+def test_gradient_goes_to_first_maximum(implementation):
+    feats = jnp.ones((1, 4, 4, 1))
+    g = jax.grad(lambda f: jnp.sum(jax_roi.roi_pool(f, jnp.array([[0, 0, 0, 3, 3.0]]), 1,
+                                                    implementation=implementation)))(feats)
+    expected = np.zeros((1, 4, 4, 1))
+    expected[0, 0, 0, 0] = 1
+    np.testing.assert_array_equal(np.asarray(g), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16, np.float64], ids=["f32", "bf16", "f16", "f64"])
+def test_dtypes(implementation, dtype):
+    rng = np.random.default_rng(12)
+    feats = jnp.asarray(rng.standard_normal((2, 7, 9, 4)), dtype)
+    rois = random_rois(rng, 2, 7, 9, 10)
+    out = jax_roi.roi_pool(feats, jnp.asarray(rois), 3, implementation=implementation)
+    assert out.dtype == jnp.dtype(dtype)
+    ref = R.roi_pool_ref(np.asarray(feats.astype(jnp.float64)), rois, 3,
+                         coord_dtype=np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+    atol, rtol = TOLERANCE[np.dtype(dtype)]
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float64)), ref, atol=atol, rtol=rtol)
+
+
+def test_torchvision_golden(implementation, golden_data):
+    g = golden_data
+    feats = jnp.asarray(g["align_features_nhwc"], jnp.float32)
+    rois = jnp.asarray(g["pool_rois"])
+    for i, tag in enumerate(str(t) for t in g["pool_tags"]):
+        s, oh, ow = g["pool_params"][i]
+        kw = dict(spatial_scale=float(s), implementation=implementation)
+        out = jax_roi.roi_pool(feats, rois, (int(oh), int(ow)), **kw)
+        np.testing.assert_allclose(np.asarray(out), g[f"{tag}_out_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
+        cot = jnp.asarray(g[f"{tag}_cot_nhwc"])
+        d_f = jax.grad(lambda f: jnp.sum(jax_roi.roi_pool(f, rois, (int(oh), int(ow)), **kw) * cot))(feats)
+        np.testing.assert_allclose(np.asarray(d_f), g[f"{tag}_dfeat_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
