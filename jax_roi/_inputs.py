@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -99,11 +100,33 @@ def check_boxes(boxes: Any, *, arg: str = "boxes") -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Canonical:
-    """The canonical form of one call, and how to map the result back."""
+    """The canonical form of one call, and how to map the result back.
+
+    ``rois [K, 5]`` are given directly, or (per-image form) made from ``boxes [B, R, 4]``:
+    then :meth:`apply` maps the op over images with ``jax.vmap``, so that each image's
+    boxes read only their own image. That keeps the batch axis a batch axis in the
+    program: under a batch-sharded ``jit`` every device computes its own images (no
+    all-gather of the features), and the kernel path folds the map back into one call.
+    """
 
     features: Any  # [B, H, W, C]
-    rois: Any  # [K, 5], coordinate dtype
-    restore: Callable[[Any], Any]  # [K, oh, ow, C] -> the user's output layout
+    rois: Any  # [K, 5], coordinate dtype (None in the per-image form)
+    boxes: Any  # [B, R, 4], coordinate dtype (None in the rois form)
+    restore: Callable[[Any], Any]  # [K, oh, ow, C] or [B, R, oh, ow, C] -> the user's layout
+
+    def apply(self, op: Callable[[Any, Any], Any], features: Any = None) -> Any:
+        """``op(features [B, H, W, C] (or a list of levels), rois [K, 5]) -> [K, ...]`` on
+        this call's inputs, in the user's layout."""
+        features = self.features if features is None else features
+        if self.boxes is None:
+            return self.restore(op(features, self.rois))
+
+        def one_image(image, boxes):
+            image = jax.tree_util.tree_map(lambda x: x[None], image)
+            rois = jnp.concatenate([jnp.zeros(boxes.shape[:1] + (1,), boxes.dtype), boxes], axis=1)
+            return op(image, rois)
+
+        return self.restore(jax.vmap(one_image)(features, self.boxes))
 
 
 def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
@@ -130,7 +153,7 @@ def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
         def restore(out):
             return jnp.moveaxis(out, -1, -3) if nchw else out
 
-        return Canonical(features, rois, restore)
+        return Canonical(features, rois, None, restore)
 
     lead = features.shape[:-3]
     if tuple(boxes.shape[:-2]) != tuple(lead):
@@ -140,20 +163,18 @@ def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
     num_images = math.prod(lead)
     num_boxes = boxes.shape[-2]
     flat_features = features.reshape((num_images,) + features.shape[-3:])
-    batch_index = jnp.repeat(jnp.arange(num_images, dtype=cdtype), num_boxes)
-    rois = jnp.concatenate(
-        [batch_index[:, None], boxes.reshape(num_images * num_boxes, 4).astype(cdtype)], axis=1)
+    flat_boxes = boxes.reshape((num_images, num_boxes, 4)).astype(cdtype)
 
-    def restore(out):
-        out = out.reshape(tuple(lead) + (num_boxes,) + out.shape[1:])
+    def restore(out):  # [B, R, oh, ow, C]
+        out = out.reshape(tuple(lead) + out.shape[1:])
         return jnp.moveaxis(out, -1, -3) if nchw else out
 
-    return Canonical(flat_features, rois, restore)
+    return Canonical(flat_features, None, flat_boxes, restore)
 
 
 def canonicalize_levels(levels: Any, boxes: Any, data_format: str):
     """The pyramid form: ``levels`` a sequence of maps with the same leading axes, channels
-    and dtype. Returns ``(levels [B, Hl, Wl, C] each, rois [K, 5], restore)``."""
+    and dtype. Returns ``(levels [B, Hl, Wl, C] each, the Canonical of the first level)``."""
     if not isinstance(levels, (list, tuple)) or len(levels) == 0:
         _fail(TypeError, "features", "a non-empty list or tuple of feature levels",
               f"{type(levels).__name__}")
@@ -174,4 +195,4 @@ def canonicalize_levels(levels: Any, boxes: Any, data_format: str):
                   f"the leading axes and channel count of features[0] (shape {tuple(jnp.shape(levels[0]))})",
                   f"shape {tuple(level.shape)}")
         out.append(level.reshape((expect,) + level.shape[-3:]))
-    return out, first.rois, first.restore
+    return out, first

@@ -7,6 +7,7 @@ compiled kernels, ``None`` the fastest one built for the default platform.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -91,10 +92,9 @@ def _bilinear(features, boxes, output_size, *, spatial_scale, sampling_ratio, al
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
     impl = _implementation(implementation)
     canon = _inputs.canonicalize(features, boxes, data_format)
-    out = impl.roi_align(canon.features, canon.rois, size, spatial_scale=spatial_scale,
-                         sampling_ratio=sampling_ratio, aligned=aligned, reduction=reduction,
-                         quantize=quantize)
-    return canon.restore(out)
+    return canon.apply(functools.partial(
+        impl.roi_align, output_size=size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+        aligned=aligned, reduction=reduction, quantize=quantize))
 
 
 def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe", data_format="NHWC",
@@ -114,8 +114,8 @@ def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe"
     _inputs.check_choice("binning", binning, _inputs.BINNINGS)
     impl = _implementation(implementation)
     canon = _inputs.canonicalize(features, boxes, data_format)
-    out = impl.roi_pool(canon.features, canon.rois, size, spatial_scale=spatial_scale, binning=binning)
-    return canon.restore(out)
+    return canon.apply(functools.partial(impl.roi_pool, output_size=size, spatial_scale=spatial_scale,
+                                         binning=binning))
 
 
 def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampling_ratio=-1, aligned=True,
@@ -151,15 +151,22 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
     canonical_scale = _inputs.static_float("canonical_scale", canonical_scale)
     canonical_level = _inputs.static_int("canonical_level", canonical_level)
     impl = _implementation(implementation)
-    levels, rois, restore = _inputs.canonicalize_levels(features, boxes, data_format)
+    levels, canon = _inputs.canonicalize_levels(features, boxes, data_format)
     if len(levels) != len(spatial_scales):
         raise ValueError(f"spatial_scales: expected one scale per level ({len(levels)} levels), "
                          f"got {len(spatial_scales)}")
-    level_ids = fpn_levels(rois[:, 1:], spatial_scales, canonical_scale=canonical_scale,
-                           canonical_level=canonical_level)
-    # A box without a level (non-finite area) is pooled to zeros, like a padding box.
-    rois = rois.at[:, 0].set(jnp.where(level_ids >= 0, rois[:, 0], -1))
-    out = impl.multilevel_roi_align(levels, rois, jnp.maximum(level_ids, 0), size,
-                                    spatial_scales=spatial_scales, sampling_ratio=sampling_ratio,
-                                    aligned=aligned)
-    return restore(out)
+
+    def pool(levels, rois):
+        if len(levels) == 1:  # one level takes every box (torchvision skips the mapper too)
+            level_ids = jnp.zeros(rois.shape[:1], jnp.int32)
+        else:
+            level_ids = fpn_levels(rois[:, 1:], spatial_scales, canonical_scale=canonical_scale,
+                                   canonical_level=canonical_level)
+            # A box without a level (negative or non-finite area) is pooled to zeros, as a
+            # padding box, which is what torchvision's module gives it.
+            rois = rois.at[:, 0].set(jnp.where(level_ids >= 0, rois[:, 0], -1))
+        return impl.multilevel_roi_align(levels, rois, jnp.maximum(level_ids, 0), size,
+                                         spatial_scales=spatial_scales, sampling_ratio=sampling_ratio,
+                                         aligned=aligned)
+
+    return canon.apply(pool, levels)
