@@ -7,6 +7,16 @@
 
 #include "cpu_targets.h"
 
+#ifdef JAX_ROI_WITH_CUDA
+// The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/*_cuda.cu).
+extern "C" {
+XLA_FFI_Error* JaxRoiAlignForwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignBackwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolForwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolBackwardCuda(XLA_FFI_CallFrame* call_frame);
+}
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -30,9 +40,22 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCpu);
     return d;
   });
-  // Filled by the CUDA build (JAX_ROI_CUDA): same names, registered for platform "CUDA".
+  // The CUDA build (JAX_ROI_CUDA): same names, registered for platform "CUDA". The
+  // backward targets take one more attribute than the CPU ones: `deterministic` (int64).
+#ifdef JAX_ROI_WITH_CUDA
+  m.def("cuda_targets", []() {
+    py::dict d;
+    d["jax_roi_roi_align_fwd"] = Capsule(JaxRoiAlignForwardCuda);
+    d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCuda);
+    d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCuda);
+    d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCuda);
+    return d;
+  });
+  m.attr("has_cuda") = true;
+#else
   m.def("cuda_targets", []() { return py::dict(); });
   m.attr("has_cuda") = false;
+#endif
   // Bumped whenever a target's operands or attributes change; the Python side checks it.
   m.attr("abi_version") = 1;
 }

@@ -1,0 +1,478 @@
+// Shared plumbing of the CUDA kernels: storage and accumulation types, 16-byte vector
+// loads and stores, vector atomics, a block-wide ordered compaction, the feature-level
+// table passed to the kernels by value, and the host-side argument checks (the same checks
+// and messages as the CPU handlers, cpu_common.h, which this file does not include: that
+// header pulls in the CPU SIMD code).
+//
+// The per-sample arithmetic is roi_math.h's (ROI_HD functions), shared with the CPU path.
+// Build with --fmad=false and IEEE division (no -use_fast_math): every coordinate operation
+// is rounded on its own, as on the CPU and in torchvision.
+#ifndef JAX_ROI_XLA_FFI_CUDA_COMMON_CUH_
+#define JAX_ROI_XLA_FFI_CUDA_COMMON_CUH_
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+#include "roi_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_roi {
+namespace cuda {
+
+namespace ffi = xla::ffi;
+
+// ---------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------
+
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+// Accumulation (and coordinate) type of a storage type: float, double for double.
+template <typename S>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(bf16 v) { return bf16_to_float(v.bits); }
+__device__ __forceinline__ float to_acc(f16 v) { return half_to_float(v.bits); }
+
+template <typename S>
+struct Store;
+template <>
+struct Store<float> {
+  __device__ __forceinline__ static float from(float v) { return v; }
+};
+template <>
+struct Store<double> {
+  __device__ __forceinline__ static double from(double v) { return v; }
+};
+template <>
+struct Store<bf16> {
+  __device__ __forceinline__ static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
+};
+template <>
+struct Store<f16> {
+  __device__ __forceinline__ static f16 from(float v) { return f16{float_to_half(v)}; }
+};
+
+// Channels per 16-byte vector.
+template <typename S>
+constexpr int VecWidth() {
+  return static_cast<int>(16 / sizeof(S));
+}
+
+// a[j] = p[j], j < V, as one 16-byte load when V elements fill 16 bytes (p then 16-byte
+// aligned: the caller uses V > 1 only when C % V == 0, and XLA buffers are aligned).
+template <typename S, int V>
+__device__ __forceinline__ void load_vec(const S* __restrict__ p, typename AccOf<S>::type (&a)[V]) {
+  if constexpr (V * sizeof(S) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    S s[V];
+    memcpy(s, &raw, 16);
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[j] = to_acc(s[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[j] = to_acc(p[j]);
+  }
+}
+
+template <typename S, int V>
+__device__ __forceinline__ void store_vec(S* __restrict__ p, const typename AccOf<S>::type (&a)[V]) {
+  S s[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) s[j] = Store<S>::from(a[j]);
+  if constexpr (V * sizeof(S) == 16) {
+    uint4 raw;
+    memcpy(&raw, s, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = s[j];
+  }
+}
+
+// d[j] += v[j], j < V. Float4 atomics on sm_90 (16-byte aligned: see load_vec).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kVectorAtomics = true;
+#else
+constexpr bool kVectorAtomics = false;
+#endif
+
+template <int V>
+__device__ __forceinline__ void atomic_add_vec(float* d, const float (&v)[V]) {
+  if constexpr (kVectorAtomics && V % 4 == 0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+      atomicAdd(reinterpret_cast<float4*>(d + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
+    }
+#endif
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) atomicAdd(d + j, v[j]);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void atomic_add_vec(double* d, const double (&v)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) atomicAdd(d + j, v[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_infinity();
+template <>
+__device__ __forceinline__ float neg_infinity<float>() {
+  return __int_as_float(0xff800000);
+}
+template <>
+__device__ __forceinline__ double neg_infinity<double>() {
+  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+}
+
+// ---------------------------------------------------------------------------------------
+// Block-wide ordered compaction. Every thread of the block calls it (blockDim.x a multiple
+// of 32, blockDim.y == blockDim.z == 1); returns the number of flagged threads and sets
+// *pos to the rank of this thread among them (thread order). `warp_sums` is shared memory
+// of at least blockDim.x / 32 ints. The caller must __syncthreads() between using the
+// result and the next call (the next call overwrites warp_sums).
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ int block_compact(bool flag, int* warp_sums, int* pos) {
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (lane == 0) warp_sums[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, total = 0;
+  for (int w = 0; w < warps; ++w) {
+    const int s = warp_sums[w];
+    before += (w < warp) ? s : 0;
+    total += s;
+  }
+  *pos = before + __popc(ballot & ((1u << lane) - 1u));
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// Feature levels, passed to the kernels by value.
+// ---------------------------------------------------------------------------------------
+constexpr int kMaxLevels = 32;
+
+struct Levels {
+  int num;
+  int64_t batch;      // images in the features (B)
+  int64_t out_batch;  // images in d_features (backward: a multiple of B; B otherwise)
+  int64_t channels;
+  const void* data[kMaxLevels];
+  void* grad[kMaxLevels];
+  int64_t height[kMaxLevels], width[kMaxLevels];
+  double scale[kMaxLevels];
+};
+
+// ---------------------------------------------------------------------------------------
+// RoIAlign: one roi's level, image and per-axis geometry (CPU: ResolveRoi + AxisTable).
+// ---------------------------------------------------------------------------------------
+struct AlignAttrs {
+  int64_t num_rois, channels, oh, ow, sampling_ratio;
+  bool aligned, quantize;
+};
+
+template <typename T>
+struct AlignRoi {
+  bool live;        // a live roi with samples on both axes
+  int l;            // level
+  int64_t b;        // image index (against the images it was resolved for)
+  int64_t H, W;
+  AxisGeom<T> gy, gx;
+  int cy, cx;       // samples per bin along y and x (> 0 when live)
+  T ny, nx;         // per-axis normalisation: 1/count for an average, 1 for a maximum
+};
+
+// Resolves roi k against `num_images` images. `live` is false for a dead roi (level out of
+// range, empty level, non-finite box, batch index outside [0, num_images)) and for a roi
+// with no samples on an axis (empty or inverted box in adaptive mode): both give a zero
+// output row and no gradient.
+template <typename T>
+__device__ __forceinline__ AlignRoi<T> resolve_align(const Levels& lv, const AlignAttrs& at, const T* __restrict__ rois,
+                                                     const int32_t* __restrict__ level, int64_t k, int64_t num_images,
+                                                     bool normalize) {
+  AlignRoi<T> r;
+  r.live = false;
+  r.cy = r.cx = 0;
+  const int64_t l = level[k];
+  if (l < 0 || l >= lv.num) return r;
+  r.l = static_cast<int>(l);
+  r.H = lv.height[l];
+  r.W = lv.width[l];
+  if (r.H <= 0 || r.W <= 0) return r;
+  const T* roi = rois + 5 * k;
+  r.b = roi_batch_index(roi, num_images);
+  if (r.b < 0) return r;
+  const T scale = static_cast<T>(lv.scale[l]);
+  r.gy = axis_geometry<T>(roi[2], roi[4], scale, at.oh, r.H, at.sampling_ratio, at.aligned, at.quantize);
+  r.gx = axis_geometry<T>(roi[1], roi[3], scale, at.ow, r.W, at.sampling_ratio, at.aligned, at.quantize);
+  r.cy = r.gy.count > 0 ? r.gy.count : 0;
+  r.cx = r.gx.count > 0 ? r.gx.count : 0;
+  r.ny = normalize ? T(1) / r.gy.count_f : T(1);
+  r.nx = normalize ? T(1) / r.gx.count_f : T(1);
+  r.live = r.cy > 0 && r.cx > 0;
+  return r;
+}
+
+// Rows (or columns) [*lo, *hi] that the taps of any sample of this axis can touch, with a
+// margin of one cell for rounding; false when none can. Sample positions are monotone in
+// (bin, sample) up to rounding, so the first and last samples bound them; when the box is
+// so large that rounding could exceed a cell (|coordinates| > 2^20), the whole axis.
+template <typename T>
+__device__ __forceinline__ bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo,
+                                               int* hi) {
+  if (count <= 0 || size <= 0) return false;
+  const T p0 = sample_position(g, 0, 0);
+  const T p1 = sample_position(g, bins - 1, count - 1);
+  T a = p0 < p1 ? p0 : p1;
+  T b = p0 < p1 ? p1 : p0;
+  const T big = T(1048576);
+  const bool huge = !(a > -big) || !(b < big) || !(g.start > -big && g.start < big);
+  if (huge) {
+    *lo = 0;
+    *hi = static_cast<int>(size - 1);
+    return true;
+  }
+  if (b < T(-2) || a > static_cast<T>(size) + T(1)) return false;
+  a = roi_floor(a) - T(1);
+  b = roi_floor(b) + T(2);
+  *lo = a < T(0) ? 0 : static_cast<int>(a);
+  *hi = b > static_cast<T>(size - 1) ? static_cast<int>(size - 1) : static_cast<int>(b);
+  return *lo <= *hi;
+}
+
+// ---------------------------------------------------------------------------------------
+// Host: dtype dispatch and argument checks (messages as the CPU handlers').
+// ---------------------------------------------------------------------------------------
+
+template <typename F>
+bool DispatchFloat(ffi::DataType dtype, F&& f) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      f(float{});
+      return true;
+    case ffi::DataType::F64:
+      f(double{});
+      return true;
+    case ffi::DataType::BF16:
+      f(bf16{});
+      return true;
+    case ffi::DataType::F16:
+      f(f16{});
+      return true;
+    default:
+      return false;
+  }
+}
+
+inline const char* DtypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32:
+      return "float32";
+    case ffi::DataType::F64:
+      return "float64";
+    case ffi::DataType::BF16:
+      return "bfloat16";
+    case ffi::DataType::F16:
+      return "float16";
+    case ffi::DataType::S32:
+      return "int32";
+    case ffi::DataType::S64:
+      return "int64";
+    default:
+      return "an unsupported dtype";
+  }
+}
+
+inline std::string ShapeString(ffi::AnyBuffer::Dimensions d) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < d.size(); ++i) os << (i ? ", " : "") << d[i];
+  os << "]";
+  return os.str();
+}
+
+inline ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument(msg); }
+
+inline ffi::Error CudaError(const char* op, const char* what, cudaError_t e) {
+  return ffi::Error::Internal(std::string(op) + ": " + what + ": " + cudaGetErrorString(e));
+}
+
+// The error of the launches just made (launch configuration, missing kernel image).
+inline ffi::Error LaunchStatus(const char* op) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return CudaError(op, "kernel launch failed", e);
+  return ffi::Error::Success();
+}
+
+inline ffi::Error MemsetAsync(const char* op, void* ptr, size_t bytes, cudaStream_t stream) {
+  if (bytes == 0) return ffi::Error::Success();
+  const cudaError_t e = cudaMemsetAsync(ptr, 0, bytes, stream);
+  if (e != cudaSuccess) return CudaError(op, "cudaMemsetAsync failed", e);
+  return ffi::Error::Success();
+}
+
+inline ffi::DataType CoordType(ffi::DataType feature_dtype) {
+  return feature_dtype == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+}
+
+inline size_t DtypeBytes(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F64:
+      return 8;
+    case ffi::DataType::F32:
+      return 4;
+    default:
+      return 2;
+  }
+}
+
+// Checks the remaining args from `first` as `count` feature levels [B, H_l, W_l, C] of one
+// dtype and one B and C.
+inline ffi::Error DecodeLevels(const ffi::RemainingArgs& args, size_t first, size_t count, ffi::DataType* dtype,
+                               Levels* lv, const char* op) {
+  for (size_t l = 0; l < count; ++l) {
+    auto buf = args.get<ffi::AnyBuffer>(first + l);
+    if (buf.has_error()) return buf.error();
+    const ffi::AnyBuffer& f = *buf;
+    auto d = f.dimensions();
+    if (d.size() != 4) {
+      return Invalid(std::string(op) + ": features level " + std::to_string(l) +
+                     ": expected rank 4 [B, H, W, C], got shape " + ShapeString(d));
+    }
+    if (l == 0) {
+      *dtype = f.element_type();
+      lv->batch = d[0];
+      lv->channels = d[3];
+    } else {
+      if (f.element_type() != *dtype) {
+        return Invalid(std::string(op) + ": features level " + std::to_string(l) + ": expected dtype " +
+                       DtypeName(*dtype) + " like level 0, got " + DtypeName(f.element_type()));
+      }
+      if (d[0] != lv->batch || d[3] != lv->channels) {
+        return Invalid(std::string(op) + ": features level " + std::to_string(l) +
+                       ": expected the batch and channel sizes of level 0, got shape " + ShapeString(d));
+      }
+    }
+    lv->data[l] = f.untyped_data();
+    lv->grad[l] = nullptr;
+    lv->height[l] = d[1];
+    lv->width[l] = d[2];
+    lv->scale[l] = 1.0;
+  }
+  lv->num = static_cast<int>(count);
+  lv->out_batch = lv->batch;
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckRois(const ffi::AnyBuffer& rois, ffi::DataType feature_dtype, const char* op,
+                            int64_t* num_rois) {
+  auto d = rois.dimensions();
+  if (d.size() != 2 || d[1] != 5) {
+    return Invalid(std::string(op) + ": rois: expected shape [K, 5], got " + ShapeString(d));
+  }
+  if (rois.element_type() != CoordType(feature_dtype)) {
+    return Invalid(std::string(op) + ": rois: expected dtype " + DtypeName(CoordType(feature_dtype)) + " for " +
+                   DtypeName(feature_dtype) + " features, got " + DtypeName(rois.element_type()));
+  }
+  *num_rois = d[0];
+  return ffi::Error::Success();
+}
+
+inline ffi::Error CheckShape(const ffi::AnyBuffer& b, std::initializer_list<int64_t> want, ffi::DataType dtype,
+                             const std::string& what) {
+  auto d = b.dimensions();
+  bool ok = d.size() == want.size();
+  size_t i = 0;
+  for (int64_t w : want) {
+    if (!ok) break;
+    ok = d[i++] == w;
+  }
+  if (!ok) {
+    std::ostringstream os;
+    os << "[";
+    i = 0;
+    for (int64_t w : want) os << (i++ ? ", " : "") << w;
+    os << "]";
+    return Invalid(what + ": expected shape " + os.str() + ", got " + ShapeString(d));
+  }
+  if (b.element_type() != dtype) {
+    return Invalid(what + ": expected dtype " + DtypeName(dtype) + ", got " + DtypeName(b.element_type()));
+  }
+  return ffi::Error::Success();
+}
+
+// Checks the roi_align operands and attributes (as roi_align_cpu.cc's DecodeAlign).
+inline ffi::Error DecodeAlign(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& level,
+                       const ffi::RemainingArgs& feats, ffi::Span<const double> scales, int64_t sampling_ratio,
+                       int64_t aligned, int64_t reduction, int64_t quantize, ffi::DataType* dtype, AlignAttrs* at,
+                       Levels* lv) {
+  if (feats.size() < 1) return Invalid(std::string(op) + ": expected at least one feature level");
+  const size_t L = feats.size();
+  if (L > static_cast<size_t>(kMaxLevels)) {
+    return Invalid(std::string(op) + ": expected at most " + std::to_string(kMaxLevels) + " feature levels, got " +
+                   std::to_string(L));
+  }
+  if (scales.size() != L) {
+    return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" + std::to_string(L) +
+                   "), got " + std::to_string(scales.size()));
+  }
+  if (reduction != 0 && reduction != 1) {
+    return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));
+  }
+  if (auto err = DecodeLevels(feats, 0, L, dtype, lv, op); err.failure()) return err;
+  for (size_t l = 0; l < L; ++l) {
+    if (!(scales[l] > 0) || !roi_finite(scales[l])) {
+      return Invalid(std::string(op) + ": spatial_scales: expected finite scales > 0, got " +
+                     std::to_string(scales[l]) + " for level " + std::to_string(l));
+    }
+    lv->scale[l] = scales[l];
+  }
+  if (!DispatchFloat(*dtype, [](auto) {})) {
+    return Invalid(std::string(op) + ": features: expected float32, float64, bfloat16 or float16, got " +
+                   DtypeName(*dtype));
+  }
+  if (auto err = CheckRois(rois, *dtype, op, &at->num_rois); err.failure()) return err;
+  if (auto err = CheckShape(level, {at->num_rois}, ffi::DataType::S32, std::string(op) + ": level"); err.failure()) {
+    return err;
+  }
+  at->channels = lv->channels;
+  at->sampling_ratio = sampling_ratio;
+  at->quantize = quantize != 0;
+  at->aligned = aligned != 0 && !at->quantize;
+  return ffi::Error::Success();
+}
+
+// Grid size for a grid-stride loop over `work` blocks.
+inline unsigned GridFor(int64_t work) {
+  const int64_t kMaxGrid = 0x7fffffff;
+  return static_cast<unsigned>(work < 1 ? 1 : (work < kMaxGrid ? work : kMaxGrid));
+}
+
+inline int RoundUp32(int64_t n) { return static_cast<int>((n + 31) / 32 * 32); }
+
+}  // namespace cuda
+}  // namespace jax_roi
+
+#endif  // JAX_ROI_XLA_FFI_CUDA_COMMON_CUH_

@@ -1,0 +1,572 @@
+// RoIAlign (avg / max), RoIWarp and multi-level RoIAlign on CUDA: the backward handler.
+//
+// Feature gradient, two ways:
+// * default (deterministic == 0): scatter with atomicAdd (float4 atomics on sm_90). One
+//   block per (roi, group of bins); a thread owns V neighbouring channels.
+// * deterministic != 0: a gather over feature tiles. One block per (image, tile of T x T
+//   cells, chunk of channels); it lists, in roi order, the rois whose samples can touch the
+//   tile, and each thread (one channel) adds their contributions into a shared-memory tile
+//   in a fixed order (roi, then y sample, then x sample), then writes the tile once. No
+//   atomics, every d_features element written exactly once: bitwise reproducible.
+// Box gradient (rois_grad): reduced over channels and samples inside the block (one block
+// per roi, warp shuffles, then warps in order): deterministic in both modes. In the
+// deterministic mode it runs as the atomic kernel with the feature scatter switched off.
+//
+// The same operands and attributes as the CPU handler, plus `deterministic` (int64).
+#include <string>
+#include <vector>
+
+#include "cuda_common.cuh"
+
+namespace jax_roi {
+namespace cuda {
+namespace {
+
+template <typename S>
+struct AlignBwdArgs {
+  const typename AccOf<S>::type* rois;
+  const int32_t* level;
+  const S* cot;                        // [K, oh, ow, C]
+  typename AccOf<S>::type* d_rois;     // [K, 5]
+  AlignAttrs at;
+  Levels lv;                           // grad[l]: d_features [out_batch, H_l, W_l, C] in A
+  int do_features, do_rois;
+};
+
+// ---------------------------------------------------------------------------------------
+// Scatter (atomic) kernel; also the box gradient of both modes.
+// ---------------------------------------------------------------------------------------
+
+constexpr int kBwdThreads = 256;
+
+template <typename S, int V, bool kMax>
+__global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBwdArgs<S> args) {
+  using A = typename AccOf<S>::type;
+  __shared__ double red[4][kBwdThreads / 32];
+  const AlignAttrs& at = args.at;
+  const Levels& lv = args.lv;
+  const int64_t oh = at.oh, ow = at.ow, bins = oh * ow;
+  const int64_t C = at.channels, CV = C / V;
+  const bool do_features = args.do_features != 0, do_rois = args.do_rois != 0;
+  // With the box gradient, one block per roi (the reduction stays in the block).
+  const int64_t groups = do_rois ? 1 : (bins + blockDim.y - 1) / blockDim.y;
+  const int64_t work = at.num_rois * groups;
+  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {  // uniform over the block
+    const int64_t k = blk / groups;
+    const int64_t g0 = (blk % groups) * blockDim.y;
+    const int64_t bin_end = do_rois ? bins : (g0 + blockDim.y < bins ? g0 + blockDim.y : bins);
+    double s_x1 = 0, s_y1 = 0, s_x2 = 0, s_y2 = 0;
+    const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, k, lv.out_batch, !kMax);
+    if (r.live) {
+      const int64_t H = r.H, W = r.W;
+      const S* __restrict__ img = static_cast<const S*>(lv.data[r.l]) + (r.b % lv.batch) * H * W * C;
+      A* dimg = static_cast<A*>(lv.grad[r.l]) + r.b * H * W * C;
+      for (int64_t bin = g0 + threadIdx.y; bin < bin_end; bin += blockDim.y) {
+        const int64_t ph = bin / ow, pw = bin % ow;
+        const S* __restrict__ gk = args.cot + (k * bins + bin) * C;
+        for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
+          const int64_t c = cv * V;
+          A g[V];
+          load_vec<S, V>(gk + c, g);
+          if constexpr (!kMax) {
+            for (int iy = 0; iy < r.cy; ++iy) {
+              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
+              if (a.w_lo == A(0) && a.w_hi == A(0)) continue;  // invalid sample: no value, no gradient
+              const int64_t row_lo = static_cast<int64_t>(a.lo) * W, row_hi = static_cast<int64_t>(a.hi) * W;
+              for (int ix = 0; ix < r.cx; ++ix) {
+                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+                if (e.w_lo == A(0) && e.w_hi == A(0)) continue;
+                const int64_t o_ll = (row_lo + e.lo) * C + c, o_lh = (row_lo + e.hi) * C + c;
+                const int64_t o_hl = (row_hi + e.lo) * C + c, o_hh = (row_hi + e.hi) * C + c;
+                if (do_features) {
+                  // d += (wy*wx) * g for each tap of non-zero weight (CPU: ScatterAxpy).
+                  const A w4[4] = {a.w_lo * e.w_lo, a.w_lo * e.w_hi, a.w_hi * e.w_lo, a.w_hi * e.w_hi};
+                  const int64_t o4[4] = {o_ll, o_lh, o_hl, o_hh};
+#pragma unroll
+                  for (int t = 0; t < 4; ++t) {
+                    if (w4[t] == A(0)) continue;
+                    A v[V];
+#pragma unroll
+                    for (int j = 0; j < V; ++j) v[j] = w4[t] * g[j];
+                    atomic_add_vec<V>(dimg + o4[t], v);
+                  }
+                }
+                if (do_rois && !(a.dw == A(0) && e.dw == A(0))) {
+                  A f_ll[V], f_lh[V], f_hl[V], f_hh[V];
+                  load_vec<S, V>(img + o_ll, f_ll);
+                  load_vec<S, V>(img + o_lh, f_lh);
+                  load_vec<S, V>(img + o_hl, f_hl);
+                  load_vec<S, V>(img + o_hh, f_hh);
+                  A d_ll = A(0), d_lh = A(0), d_hl = A(0), d_hh = A(0);  // <g, f_tap> over my channels
+#pragma unroll
+                  for (int j = 0; j < V; ++j) {
+                    d_ll += g[j] * f_ll[j];
+                    d_lh += g[j] * f_lh[j];
+                    d_hl += g[j] * f_hl[j];
+                    d_hh += g[j] * f_hh[j];
+                  }
+                  const A sy = a.dw * (e.w_lo * (d_hl - d_ll) + e.w_hi * (d_hh - d_lh));
+                  const A sx = e.dw * (a.w_lo * (d_lh - d_ll) + a.w_hi * (d_hh - d_hl));
+                  A y1, y2, x1, x2;
+                  sample_position_grad(r.gy, ph, iy, oh, &y1, &y2);
+                  sample_position_grad(r.gx, pw, ix, ow, &x1, &x2);
+                  s_y1 += static_cast<double>(sy) * static_cast<double>(y1);
+                  s_y2 += static_cast<double>(sy) * static_cast<double>(y2);
+                  s_x1 += static_cast<double>(sx) * static_cast<double>(x1);
+                  s_x2 += static_cast<double>(sx) * static_cast<double>(x2);
+                }
+              }
+            }
+          } else {
+            // The winning sample of each channel (first in (iy, ix) order: strict >), as
+            // the forward computes it (CPU: SampleMaxArg).
+            A best[V];
+            int arg[V];
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              best[j] = neg_infinity<A>();
+              arg[j] = -1;
+            }
+            for (int iy = 0; iy < r.cy; ++iy) {
+              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
+              const int64_t row_lo = static_cast<int64_t>(a.lo) * W, row_hi = static_cast<int64_t>(a.hi) * W;
+              for (int ix = 0; ix < r.cx; ++ix) {
+                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+                const A w_ll = a.w_lo * e.w_lo, w_lh = a.w_lo * e.w_hi;
+                const A w_hl = a.w_hi * e.w_lo, w_hh = a.w_hi * e.w_hi;
+                A f_ll[V], f_lh[V], f_hl[V], f_hh[V];
+                load_vec<S, V>(img + (row_lo + e.lo) * C + c, f_ll);
+                load_vec<S, V>(img + (row_lo + e.hi) * C + c, f_lh);
+                load_vec<S, V>(img + (row_hi + e.lo) * C + c, f_hl);
+                load_vec<S, V>(img + (row_hi + e.hi) * C + c, f_hh);
+                const int sample = iy * r.cx + ix;
+#pragma unroll
+                for (int j = 0; j < V; ++j) {
+                  A v = w_ll * f_ll[j];
+                  v = v + w_lh * f_lh[j];
+                  v = v + w_hl * f_hl[j];
+                  v = v + w_hh * f_hh[j];
+                  if (v > best[j]) {
+                    best[j] = v;
+                    arg[j] = sample;
+                  }
+                }
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              if (arg[j] < 0) continue;
+              const int iy = arg[j] / r.cx, ix = arg[j] % r.cx;
+              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
+              const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+              const A gc = g[j];
+              const int64_t o_ll = (static_cast<int64_t>(a.lo) * W + e.lo) * C + c + j;
+              const int64_t o_lh = (static_cast<int64_t>(a.lo) * W + e.hi) * C + c + j;
+              const int64_t o_hl = (static_cast<int64_t>(a.hi) * W + e.lo) * C + c + j;
+              const int64_t o_hh = (static_cast<int64_t>(a.hi) * W + e.hi) * C + c + j;
+              if (do_features) {  // all four taps, as the CPU kernel
+                atomicAdd(dimg + o_ll, gc * (a.w_lo * e.w_lo));
+                atomicAdd(dimg + o_lh, gc * (a.w_lo * e.w_hi));
+                atomicAdd(dimg + o_hl, gc * (a.w_hi * e.w_lo));
+                atomicAdd(dimg + o_hh, gc * (a.w_hi * e.w_hi));
+              }
+              if (do_rois) {
+                const A f_ll = to_acc(img[o_ll]), f_lh = to_acc(img[o_lh]);
+                const A f_hl = to_acc(img[o_hl]), f_hh = to_acc(img[o_hh]);
+                const A sy = gc * a.dw * (e.w_lo * (f_hl - f_ll) + e.w_hi * (f_hh - f_lh));
+                const A sx = gc * e.dw * (a.w_lo * (f_lh - f_ll) + a.w_hi * (f_hh - f_hl));
+                A y1, y2, x1, x2;
+                sample_position_grad(r.gy, ph, iy, oh, &y1, &y2);
+                sample_position_grad(r.gx, pw, ix, ow, &x1, &x2);
+                s_y1 += static_cast<double>(sy) * static_cast<double>(y1);
+                s_y2 += static_cast<double>(sy) * static_cast<double>(y2);
+                s_x1 += static_cast<double>(sx) * static_cast<double>(x1);
+                s_x2 += static_cast<double>(sx) * static_cast<double>(x2);
+              }
+            }
+          }
+        }
+      }
+    }
+    if (do_rois) {
+      // Block reduction in a fixed order: shuffles within each warp, then warps in order.
+      double v[4] = {s_x1, s_y1, s_x2, s_y2};
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[q] += __shfl_down_sync(0xffffffffu, v[q], off);
+      }
+      const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+      const int warps = (blockDim.x * blockDim.y) >> 5;
+      if ((tid & 31) == 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) red[q][tid >> 5] = v[q];
+      }
+      __syncthreads();
+      if (tid == 0) {
+        double t[4] = {0, 0, 0, 0};
+        for (int w = 0; w < warps; ++w) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) t[q] += red[q][w];
+        }
+        A* dr = args.d_rois + 5 * k;
+        dr[0] = A(0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) dr[1 + q] = static_cast<A>(t[q]);
+      }
+      __syncthreads();  // red is reused by the next roi
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic gather kernel (one level per launch).
+// ---------------------------------------------------------------------------------------
+
+// A y (or x) sample whose taps touch the tile: its bin, its two taps relative to the tile
+// (-1 when outside it, or of weight 0) and their weights.
+template <typename A>
+struct TileSample {
+  int bin, lo, hi;
+  A w_lo, w_hi;
+};
+
+template <typename A>
+__device__ __forceinline__ bool tile_sample(const AxisGeom<A>& g, int count, int64_t s, int64_t size, A norm,
+                                            int t0, int t1, TileSample<A>* out) {
+  const int64_t p = s / count, i = s % count;
+  const Tap<A> a = bilinear_tap(sample_position(g, p, i), size, true, norm);
+  const bool lo_in = a.w_lo != A(0) && a.lo >= t0 && a.lo < t1;
+  const bool hi_in = a.w_hi != A(0) && a.hi >= t0 && a.hi < t1;
+  out->bin = static_cast<int>(p);
+  out->lo = lo_in ? a.lo - t0 : -1;
+  out->hi = hi_in ? a.hi - t0 : -1;
+  out->w_lo = a.w_lo;
+  out->w_hi = a.w_hi;
+  return lo_in || hi_in;
+}
+
+// Whether any tap of any sample of bin p lies in [t0, t1) (any weight: the max gradient
+// goes to all four taps of the winner, as the CPU kernel).
+template <typename A>
+__device__ __forceinline__ bool bin_touches(const AxisGeom<A>& g, int count, int64_t p, int64_t size, A norm, int t0,
+                                            int t1) {
+  for (int i = 0; i < count; ++i) {
+    const Tap<A> a = bilinear_tap(sample_position(g, p, i), size, true, norm);
+    if ((a.lo >= t0 && a.lo < t1) || (a.hi >= t0 && a.hi < t1)) return true;
+  }
+  return false;
+}
+
+template <typename S, bool kMax>
+__global__ void __launch_bounds__(128) AlignGatherKernel(const AlignBwdArgs<S> args, int l, int tile,
+                                                         int64_t tiles_y, int64_t tiles_x, int64_t chunks) {
+  using A = typename AccOf<S>::type;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int warp_sums[32];
+  const int nt = blockDim.x, tid = threadIdx.x;
+  A* acc = reinterpret_cast<A*>(smem);                                           // [tile*tile][nt]
+  TileSample<A>* ylist = reinterpret_cast<TileSample<A>*>(acc + tile * tile * nt);  // [nt]
+  TileSample<A>* xlist = ylist + nt;                                               // [nt]
+  int* rlist = reinterpret_cast<int*>(xlist + nt);                                 // [nt]
+
+  const AlignAttrs& at = args.at;
+  const Levels& lv = args.lv;
+  const int64_t K = at.num_rois, C = at.channels, oh = at.oh, ow = at.ow, bins = oh * ow;
+  const int64_t H = lv.height[l], W = lv.width[l];
+  const int64_t work = lv.out_batch * tiles_y * tiles_x * chunks;
+  A* grad = static_cast<A*>(lv.grad[l]);
+  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {  // uniform over the block
+    int64_t t = blk;
+    const int64_t chunk = t % chunks;
+    t /= chunks;
+    const int64_t tx = t % tiles_x;
+    t /= tiles_x;
+    const int64_t ty = t % tiles_y;
+    const int64_t b = t / tiles_y;
+    const int r0 = static_cast<int>(ty * tile), r1 = static_cast<int>(ty * tile + tile < H ? ty * tile + tile : H);
+    const int c0 = static_cast<int>(tx * tile), c1 = static_cast<int>(tx * tile + tile < W ? tx * tile + tile : W);
+    const int64_t c = chunk * nt + tid;
+    const bool cok = c < C;
+    for (int q = 0; q < tile * tile; ++q) acc[q * nt + tid] = A(0);
+    const S* __restrict__ img = static_cast<const S*>(lv.data[l]) + (b % lv.batch) * H * W * C;
+
+    for (int64_t k0 = 0; k0 < K; k0 += nt) {
+      // The rois of this image and level whose samples can touch the tile, in roi order.
+      bool hit = false;
+      const int64_t k = k0 + tid;
+      if (k < K) {
+        const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, k, lv.out_batch, !kMax);
+        if (r.live && r.l == l && r.b == b) {
+          int ylo, yhi, xlo, xhi;
+          hit = axis_footprint(r.gy, r.cy, oh, H, &ylo, &yhi) && axis_footprint(r.gx, r.cx, ow, W, &xlo, &xhi) &&
+                ylo < r1 && yhi >= r0 && xlo < c1 && xhi >= c0;
+        }
+      }
+      int pos;
+      const int n = block_compact(hit, warp_sums, &pos);
+      if (hit) rlist[pos] = static_cast<int>(k);
+      __syncthreads();
+      for (int i = 0; i < n; ++i) {
+        const int64_t kk = rlist[i];
+        const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, kk, lv.out_batch, !kMax);
+        const S* __restrict__ gk = args.cot + kk * bins * C + c;
+        if constexpr (!kMax) {
+          // The roi's y samples touching the tile, then its x samples, compacted in order;
+          // every pair adds g * (wy * wx) to the taps inside the tile.
+          const int64_t ny = oh * r.cy, nx = ow * r.cx;
+          for (int64_t ys = 0; ys < ny; ys += nt) {
+            TileSample<A> ye;
+            const bool yf = ys + tid < ny && tile_sample(r.gy, r.cy, ys + tid, H, r.ny, r0, r1, &ye);
+            int ypos;
+            const int nyc = block_compact(yf, warp_sums, &ypos);
+            if (yf) ylist[ypos] = ye;
+            __syncthreads();
+            if (nyc > 0) {
+              for (int64_t xs = 0; xs < nx; xs += nt) {
+                TileSample<A> xe;
+                const bool xf = xs + tid < nx && tile_sample(r.gx, r.cx, xs + tid, W, r.nx, c0, c1, &xe);
+                int xpos;
+                const int nxc = block_compact(xf, warp_sums, &xpos);
+                if (xf) xlist[xpos] = xe;
+                __syncthreads();
+                if (cok) {
+                  for (int yi = 0; yi < nyc; ++yi) {
+                    const TileSample<A> sy = ylist[yi];
+                    for (int xi = 0; xi < nxc; ++xi) {
+                      const TileSample<A> sx = xlist[xi];
+                      const A gv = to_acc(gk[(static_cast<int64_t>(sy.bin) * ow + sx.bin) * C]);
+                      if (sy.lo >= 0) {
+                        if (sx.lo >= 0) acc[(sy.lo * tile + sx.lo) * nt + tid] += (sy.w_lo * sx.w_lo) * gv;
+                        if (sx.hi >= 0) acc[(sy.lo * tile + sx.hi) * nt + tid] += (sy.w_lo * sx.w_hi) * gv;
+                      }
+                      if (sy.hi >= 0) {
+                        if (sx.lo >= 0) acc[(sy.hi * tile + sx.lo) * nt + tid] += (sy.w_hi * sx.w_lo) * gv;
+                        if (sx.hi >= 0) acc[(sy.hi * tile + sx.hi) * nt + tid] += (sy.w_hi * sx.w_hi) * gv;
+                      }
+                    }
+                  }
+                }
+                __syncthreads();  // xlist and warp_sums are rewritten next
+              }
+            }
+            __syncthreads();  // ylist and warp_sums are rewritten next
+          }
+        } else {
+          // Max: for each bin with a tap in the tile, the winning sample of my channel, and
+          // its taps inside the tile. No shared lists: no barriers in here.
+          if (cok) {
+            const int64_t Hh = r.H, Ww = r.W;
+            for (int64_t ph = 0; ph < oh; ++ph) {
+              if (!bin_touches(r.gy, r.cy, ph, Hh, r.ny, r0, r1)) continue;
+              for (int64_t pw = 0; pw < ow; ++pw) {
+                if (!bin_touches(r.gx, r.cx, pw, Ww, r.nx, c0, c1)) continue;
+                A best = neg_infinity<A>();
+                int arg = -1;
+                for (int iy = 0; iy < r.cy; ++iy) {
+                  const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), Hh, true, r.ny);
+                  for (int ix = 0; ix < r.cx; ++ix) {
+                    const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), Ww, true, r.nx);
+                    A v = (a.w_lo * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.lo) * C + c]);
+                    v = v + (a.w_lo * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.hi) * C + c]);
+                    v = v + (a.w_hi * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.lo) * C + c]);
+                    v = v + (a.w_hi * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.hi) * C + c]);
+                    if (v > best) {
+                      best = v;
+                      arg = iy * r.cx + ix;
+                    }
+                  }
+                }
+                if (arg < 0) continue;
+                const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, arg / r.cx), Hh, true, r.ny);
+                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, arg % r.cx), Ww, true, r.nx);
+                const A gc = to_acc(gk[(ph * ow + pw) * C]);
+                const int rows[2] = {a.lo, a.hi}, cols[2] = {e.lo, e.hi};
+                const A wy[2] = {a.w_lo, a.w_hi}, wx[2] = {e.w_lo, e.w_hi};
+#pragma unroll
+                for (int u = 0; u < 2; ++u) {
+#pragma unroll
+                  for (int q = 0; q < 2; ++q) {
+                    if (rows[u] >= r0 && rows[u] < r1 && cols[q] >= c0 && cols[q] < c1) {
+                      acc[((rows[u] - r0) * tile + (cols[q] - c0)) * nt + tid] += gc * (wy[u] * wx[q]);
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();  // rlist and warp_sums are rewritten next
+    }
+    if (cok) {
+      for (int y = r0; y < r1; ++y) {
+        for (int x = c0; x < c1; ++x) {
+          grad[((b * H + y) * W + x) * C + c] = acc[((y - r0) * tile + (x - c0)) * nt + tid];
+        }
+      }
+    }
+    // acc columns are per thread; the next tile's barriers order the shared lists.
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch
+// ---------------------------------------------------------------------------------------
+
+template <typename S, int V, bool kMax>
+void LaunchScatter(const AlignBwdArgs<S>& args, cudaStream_t stream) {
+  const int64_t CV = args.at.channels / V;
+  const int64_t bins = args.at.oh * args.at.ow;
+  const int bx = CV >= kBwdThreads ? kBwdThreads : RoundUp32(CV);
+  int by = kBwdThreads / bx;
+  if (by > bins) by = static_cast<int>(bins);
+  if (by < 1) by = 1;
+  const int64_t groups = args.do_rois ? 1 : (bins + by - 1) / by;
+  AlignBackwardKernel<S, V, kMax><<<GridFor(args.at.num_rois * groups), dim3(bx, by), 0, stream>>>(args);
+}
+
+template <typename S, bool kMax>
+void LaunchScatterV(const AlignBwdArgs<S>& args, cudaStream_t stream) {
+  constexpr int kV = VecWidth<S>();
+  if (args.at.channels % kV == 0) {
+    LaunchScatter<S, kV, kMax>(args, stream);
+  } else {
+    LaunchScatter<S, 1, kMax>(args, stream);
+  }
+}
+
+template <typename S, bool kMax>
+void LaunchGather(const AlignBwdArgs<S>& args, cudaStream_t stream) {
+  using A = typename AccOf<S>::type;
+  const int64_t C = args.at.channels;
+  const int cap = sizeof(A) == 8 ? 64 : 128;
+  const int nt = C >= cap ? cap : RoundUp32(C);
+  const int64_t chunks = (C + nt - 1) / nt;
+  for (int l = 0; l < args.lv.num; ++l) {
+    const int64_t H = args.lv.height[l], W = args.lv.width[l];
+    if (H <= 0 || W <= 0 || args.lv.out_batch <= 0) continue;
+    // 8 x 8 tiles when there are enough of them to fill the GPU, else 4 x 4.
+    const int64_t blocks8 = args.lv.out_batch * ((H + 7) / 8) * ((W + 7) / 8) * chunks;
+    const int tile = blocks8 >= 1024 ? 8 : 4;
+    const int64_t tiles_y = (H + tile - 1) / tile, tiles_x = (W + tile - 1) / tile;
+    const size_t smem = sizeof(A) * tile * tile * nt + 2 * sizeof(TileSample<A>) * nt + sizeof(int) * nt;
+    AlignGatherKernel<S, kMax><<<GridFor(args.lv.out_batch * tiles_y * tiles_x * chunks), nt, smem, stream>>>(
+        args, l, tile, tiles_y, tiles_x, chunks);
+  }
+}
+
+ffi::Error RoiAlignBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi::AnyBuffer rois,
+                                    ffi::AnyBuffer level, ffi::RemainingArgs feats,
+                                    ffi::Result<ffi::AnyBuffer> d_rois, ffi::RemainingRets d_feats,
+                                    ffi::Span<const double> scales, int64_t sampling_ratio, int64_t aligned,
+                                    int64_t reduction, int64_t quantize, int64_t rois_grad, int64_t deterministic) {
+  const char* op = "jax_roi roi_align backward (CUDA)";
+  AlignAttrs at{};
+  Levels lv{};
+  ffi::DataType dtype;
+  if (auto err = DecodeAlign(op, rois, level, feats, scales, sampling_ratio, aligned, reduction, quantize, &dtype,
+                             &at, &lv);
+      err.failure()) {
+    return err;
+  }
+  const int64_t K = at.num_rois, C = at.channels;
+  auto cd = cot.dimensions();
+  if (cd.size() != 4 || cd[0] != K || cd[1] < 1 || cd[2] < 1 || cd[3] != C || cot.element_type() != dtype) {
+    return Invalid(std::string(op) + ": cotangent: expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
+                   ", oh, ow, C=" + std::to_string(C) + "], got " + DtypeName(cot.element_type()) + " " +
+                   ShapeString(cd));
+  }
+  at.oh = cd[1];
+  at.ow = cd[2];
+  const ffi::DataType ctype = CoordType(dtype);
+  if (auto err = CheckShape(*d_rois, {K, 5}, ctype, std::string(op) + ": d_rois"); err.failure()) return err;
+  if (d_feats.size() != static_cast<size_t>(lv.num)) {
+    return Invalid(std::string(op) + ": expected one d_features result per level (" + std::to_string(lv.num) +
+                   "), got " + std::to_string(d_feats.size()));
+  }
+  // d_features in the accumulation dtype; [B_out, H, W, C] with B_out a multiple of B (vmap
+  // folds a mapped axis into the batch: roi batch b reads image b % B).
+  int64_t out_batch = -1;
+  std::vector<size_t> grad_bytes(lv.num);
+  for (int l = 0; l < lv.num; ++l) {
+    auto res = d_feats.get<ffi::AnyBuffer>(l);
+    if (res.has_error()) return res.error();
+    const ffi::AnyBuffer& d = **res;
+    auto dd = d.dimensions();
+    if (l == 0 && dd.size() == 4) out_batch = dd[0];
+    const bool batch_ok = lv.batch == 0 ? out_batch == 0 : (out_batch >= 0 && out_batch % lv.batch == 0);
+    if (dd.size() != 4 || dd[0] != out_batch || dd[1] != lv.height[l] || dd[2] != lv.width[l] || dd[3] != C ||
+        !batch_ok) {
+      return Invalid(std::string(op) + ": d_features level " + std::to_string(l) + ": expected shape [n*" +
+                     std::to_string(lv.batch) + ", " + std::to_string(lv.height[l]) + ", " +
+                     std::to_string(lv.width[l]) + ", " + std::to_string(C) + "], got " + ShapeString(dd));
+    }
+    if (d.element_type() != ctype) {
+      return Invalid(std::string(op) + ": d_features level " + std::to_string(l) + ": expected dtype " +
+                     DtypeName(ctype) + ", got " + DtypeName(d.element_type()));
+    }
+    lv.grad[l] = d.untyped_data();
+    grad_bytes[l] = d.size_bytes();
+  }
+  lv.out_batch = out_batch;
+  const bool det = deterministic != 0;
+  if (det && K > 0x7fffffff) {
+    return Invalid(std::string(op) + ": deterministic: supports at most 2^31 - 1 rois, got " + std::to_string(K));
+  }
+  const bool want_rois = rois_grad != 0;
+  const bool trivial = K == 0 || C == 0 || lv.batch == 0;
+  // Outputs initialised on the stream: d_rois always (rows of dead rois stay zero unless the
+  // box-gradient kernel writes them); d_features unless the gather kernel writes them all.
+  if (auto err = MemsetAsync(op, d_rois->untyped_data(), d_rois->size_bytes(), stream); err.failure()) return err;
+  if (!det || trivial) {
+    for (int l = 0; l < lv.num; ++l) {
+      if (auto err = MemsetAsync(op, lv.grad[l], grad_bytes[l], stream); err.failure()) return err;
+    }
+  }
+  if (trivial) return ffi::Error::Success();
+  const bool use_max = reduction == 1;
+  DispatchFloat(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    AlignBwdArgs<S> args;
+    args.rois = static_cast<const typename AccOf<S>::type*>(rois.untyped_data());
+    args.level = static_cast<const int32_t*>(level.untyped_data());
+    args.cot = static_cast<const S*>(cot.untyped_data());
+    args.d_rois = static_cast<typename AccOf<S>::type*>(d_rois->untyped_data());
+    args.at = at;
+    args.lv = lv;
+    args.do_features = det ? 0 : 1;
+    args.do_rois = want_rois ? 1 : 0;
+    if (args.do_features || args.do_rois) {
+      use_max ? LaunchScatterV<S, true>(args, stream) : LaunchScatterV<S, false>(args, stream);
+    }
+    if (det) {
+      use_max ? LaunchGather<S, true>(args, stream) : LaunchGather<S, false>(args, stream);
+    }
+  });
+  return LaunchStatus(op);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace jax_roi
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiAlignBackwardCuda, jax_roi::cuda::RoiAlignBackwardCudaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // cotangent [K, oh, ow, C]
+                                  .Arg<ffi::AnyBuffer>()  // rois [K, 5]
+                                  .Arg<ffi::AnyBuffer>()  // level [K] int32
+                                  .RemainingArgs()        // features, one per level
+                                  .Ret<ffi::AnyBuffer>()  // d_rois [K, 5]
+                                  .RemainingRets()        // d_features, one per level
+                                  .Attr<ffi::Span<const double>>("spatial_scales")
+                                  .Attr<int64_t>("sampling_ratio")
+                                  .Attr<int64_t>("aligned")
+                                  .Attr<int64_t>("reduction")
+                                  .Attr<int64_t>("quantize")
+                                  .Attr<int64_t>("rois_grad")
+                                  .Attr<int64_t>("deterministic"),
+                              {ffi::Traits::kCmdBufferCompatible});
