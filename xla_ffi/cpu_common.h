@@ -14,6 +14,11 @@
 #include <string>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu_simd.h"
 #include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -21,51 +26,6 @@ namespace jax_roi {
 namespace cpu {
 
 namespace ffi = xla::ffi;
-
-// ---------------------------------------------------------------------------------------
-// Element types. 16-bit floats are stored as uint16_t and converted by bit operations.
-// ---------------------------------------------------------------------------------------
-
-struct bf16 {
-  uint16_t bits;
-};
-struct f16 {
-  uint16_t bits;
-};
-
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
-inline float to_acc(bf16 v) { return bf16_to_float(v.bits); }
-inline float to_acc(f16 v) { return half_to_float(v.bits); }
-
-template <typename S>
-struct Store;
-template <>
-struct Store<float> {
-  static float from(float v) { return v; }
-};
-template <>
-struct Store<double> {
-  static double from(double v) { return v; }
-};
-template <>
-struct Store<bf16> {
-  static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
-};
-template <>
-struct Store<f16> {
-  static f16 from(float v) { return f16{float_to_half(v)}; }
-};
-
-// Accumulation (and coordinate) type of a storage type: double for float64, else float.
-template <typename S>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 // Calls f.template operator()<S>() with the storage type of `dtype`; false if unsupported.
 template <typename F>
@@ -171,6 +131,20 @@ inline void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const std::functi
   }
   state->Work(fn_ptr);
   state->Wait();
+}
+
+// Large outputs are fresh pages from the allocator: every 4 KiB page faults on first touch,
+// which on some machines costs more than the kernel itself. Ask for transparent huge pages
+// on the 2 MiB-aligned interior of a large output before writing it (advisory only; no
+// effect where THP is off).
+inline void AdviseHugePages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
 }
 
 inline int64_t PoolThreads(ffi::ThreadPool& pool) { return std::max<int64_t>(pool.num_threads(), 1); }

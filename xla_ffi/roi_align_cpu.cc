@@ -96,34 +96,6 @@ struct AxisTable {
   }
 };
 
-// out[c] = sum_t w[t] * img[off[t] + c] for c in [0, C): channel blocks held in registers.
-template <typename S, typename A>
-inline void GatherSum(const S* img, const int64_t* off, const A* w, int n, S* out, int64_t C) {
-  constexpr int64_t CB = sizeof(A) == 4 ? 32 : 16;
-  int64_t c = 0;
-  for (; c + CB <= C; c += CB) {
-    A acc[CB];
-    for (int64_t j = 0; j < CB; ++j) acc[j] = A(0);
-    for (int t = 0; t < n; ++t) {
-      const S* p = img + off[t] + c;
-      const A wt = w[t];
-      for (int64_t j = 0; j < CB; ++j) acc[j] += wt * to_acc(p[j]);
-    }
-    for (int64_t j = 0; j < CB; ++j) out[c + j] = Store<S>::from(acc[j]);
-  }
-  if (c < C) {
-    const int64_t rem = C - c;
-    A acc[CB];
-    for (int64_t j = 0; j < rem; ++j) acc[j] = A(0);
-    for (int t = 0; t < n; ++t) {
-      const S* p = img + off[t] + c;
-      const A wt = w[t];
-      for (int64_t j = 0; j < rem; ++j) acc[j] += wt * to_acc(p[j]);
-    }
-    for (int64_t j = 0; j < rem; ++j) out[c + j] = Store<S>::from(acc[j]);
-  }
-}
-
 // Resolves a roi's level and image. Returns false for a dead roi.
 template <typename T>
 inline bool ResolveRoi(const AlignConfig& cfg, const T* roi, const int32_t* level, int64_t k, int64_t num_images,
@@ -139,6 +111,31 @@ inline bool ResolveRoi(const AlignConfig& cfg, const T* roi, const int32_t* leve
   return true;
 }
 
+// The samples of bin (ph, pw) in (iy, ix) order, each as its four taps: offsets into the
+// image (times C) and product weights, in the pure-JAX order (y_lo x_lo, y_lo x_hi,
+// y_hi x_lo, y_hi x_hi). Returns the number of samples.
+template <typename A>
+inline int BinSamples(const AxisTable<A>& ty, const AxisTable<A>& tx, int64_t ph, int64_t pw, int64_t W, int64_t C,
+                      int64_t* off, A* w) {
+  int n = 0;
+  for (int iy = 0; iy < ty.count; ++iy) {
+    const Tap<A>& a = ty.taps[ph * ty.bound + iy];
+    for (int ix = 0; ix < tx.count; ++ix) {
+      const Tap<A>& e = tx.taps[pw * tx.bound + ix];
+      off[4 * n + 0] = (static_cast<int64_t>(a.lo) * W + e.lo) * C;
+      off[4 * n + 1] = (static_cast<int64_t>(a.lo) * W + e.hi) * C;
+      off[4 * n + 2] = (static_cast<int64_t>(a.hi) * W + e.lo) * C;
+      off[4 * n + 3] = (static_cast<int64_t>(a.hi) * W + e.hi) * C;
+      w[4 * n + 0] = a.w_lo * e.w_lo;
+      w[4 * n + 1] = a.w_lo * e.w_hi;
+      w[4 * n + 2] = a.w_hi * e.w_lo;
+      w[4 * n + 3] = a.w_hi * e.w_hi;
+      ++n;
+    }
+  }
+  return n;
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------
@@ -152,7 +149,6 @@ void AlignForwardRange(const AlignConfig& cfg, const typename AccOf<S>::type* ro
   AxisTable<A> ty, tx;
   std::vector<int64_t> off;
   std::vector<A> w;
-  std::vector<A> best(C);
   for (int64_t k = k0; k < k1; ++k) {
     S* out_k = out + k * row;
     const A* roi = rois + 5 * k;
@@ -190,36 +186,19 @@ void AlignForwardRange(const AlignConfig& cfg, const typename AccOf<S>::type* ro
               ++n;
             }
           }
-          GatherSum<S, A>(img, off.data(), w.data(), n, out_k + (ph * ow + pw) * C, C);
+          GatherSum(img, off.data(), w.data(), n, out_k + (ph * ow + pw) * C, C);
         }
       }
     } else {
-      const A neg_inf = -std::numeric_limits<A>::infinity();
+      const size_t per_bin = 4 * static_cast<size_t>(ty.bound) * tx.bound;
+      if (off.size() < per_bin) {
+        off.resize(per_bin);
+        w.resize(per_bin);
+      }
       for (int64_t ph = 0; ph < oh; ++ph) {
         for (int64_t pw = 0; pw < ow; ++pw) {
-          for (int64_t c = 0; c < C; ++c) best[c] = neg_inf;
-          for (int iy = 0; iy < ty.count; ++iy) {
-            const Tap<A>& a = ty.taps[ph * ty.bound + iy];
-            for (int ix = 0; ix < tx.count; ++ix) {
-              const Tap<A>& e = tx.taps[pw * tx.bound + ix];
-              const A w_ll = a.w_lo * e.w_lo, w_lh = a.w_lo * e.w_hi;
-              const A w_hl = a.w_hi * e.w_lo, w_hh = a.w_hi * e.w_hi;
-              const S* p_ll = img + (static_cast<int64_t>(a.lo) * W + e.lo) * C;
-              const S* p_lh = img + (static_cast<int64_t>(a.lo) * W + e.hi) * C;
-              const S* p_hl = img + (static_cast<int64_t>(a.hi) * W + e.lo) * C;
-              const S* p_hh = img + (static_cast<int64_t>(a.hi) * W + e.hi) * C;
-              A* bst = best.data();
-              for (int64_t c = 0; c < C; ++c) {
-                A v = w_ll * to_acc(p_ll[c]);
-                v = v + w_lh * to_acc(p_lh[c]);
-                v = v + w_hl * to_acc(p_hl[c]);
-                v = v + w_hh * to_acc(p_hh[c]);
-                bst[c] = v > bst[c] ? v : bst[c];
-              }
-            }
-          }
-          S* o = out_k + (ph * ow + pw) * C;
-          for (int64_t c = 0; c < C; ++c) o[c] = Store<S>::from(best[c] == neg_inf ? A(0) : best[c]);
+          const int ns = BinSamples(ty, tx, ph, pw, W, C, off.data(), w.data());
+          SampleBinMax(img, off.data(), w.data(), ns, out_k + (ph * ow + pw) * C, C);
         }
       }
     }
@@ -247,9 +226,9 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
     for (int64_t q = 0; q < pixels; ++q) std::memset(d + q * C + c0, 0, sizeof(A) * cw);
   }
   AxisTable<A> ty, tx;
-  std::vector<A> g(cw), best(cw), dpy, dpx;
-  std::vector<int> arg(cw);
-  const A neg_inf = -std::numeric_limits<A>::infinity();
+  std::vector<A> g(cw), dpy, dpx, w;
+  std::vector<typename simd::Lanes<A>::Idx> arg(cw);
+  std::vector<int64_t> off;
   const bool avg = !cfg.use_max;
   for (int64_t k = 0; k < K; ++k) {
     const A* roi = rois + 5 * k;
@@ -276,15 +255,21 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
         if (avg) {
           const size_t py = 2 * static_cast<size_t>(ty.bound), px = 2 * static_cast<size_t>(tx.bound);
           const int ny = ty.m_n[ph], nx = tx.m_n[pw];
+          if (off.size() < py * px) {
+            off.resize(py * px);
+            w.resize(py * px);
+          }
+          int n = 0;
           for (int a = 0; a < ny; ++a) {
             const int64_t r = ty.m_idx[ph * py + a];
             const A wy = ty.m_w[ph * py + a];
             for (int s = 0; s < nx; ++s) {
-              const A wt = wy * tx.m_w[pw * px + s];
-              A* d = dimg + (r * W + tx.m_idx[pw * px + s]) * C;
-              for (int64_t c = 0; c < cw; ++c) d[c] += wt * gp[c];
+              off[n] = (r * W + tx.m_idx[pw * px + s]) * C;
+              w[n] = wy * tx.m_w[pw * px + s];
+              ++n;
             }
           }
+          ScatterAxpy(dimg, off.data(), w.data(), n, gp, cw);
           if (!rois_grad) continue;
           for (int iy = 0; iy < ty.count; ++iy) {
             const Tap<A>& a = ty.taps[ph * ty.bound + iy];
@@ -297,46 +282,22 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
               const S* p_lh = img + (static_cast<int64_t>(a.lo) * W + e.hi) * C;
               const S* p_hl = img + (static_cast<int64_t>(a.hi) * W + e.lo) * C;
               const S* p_hh = img + (static_cast<int64_t>(a.hi) * W + e.hi) * C;
-              A g_ll = 0, g_lh = 0, g_hl = 0, g_hh = 0;
-              for (int64_t c = 0; c < cw; ++c) {
-                g_ll += gp[c] * to_acc(p_ll[c]);
-                g_lh += gp[c] * to_acc(p_lh[c]);
-                g_hl += gp[c] * to_acc(p_hl[c]);
-                g_hh += gp[c] * to_acc(p_hh[c]);
-              }
+              A dots[4];
+              Dot4(gp, p_ll, p_lh, p_hl, p_hh, cw, dots);
+              const A g_ll = dots[0], g_lh = dots[1], g_hl = dots[2], g_hh = dots[3];
               dpy[ph * ty.bound + iy] += a.dw * (e.w_lo * (g_hl - g_ll) + e.w_hi * (g_hh - g_lh));
               dpx[pw * tx.bound + ix] += e.dw * (a.w_lo * (g_lh - g_ll) + a.w_hi * (g_hh - g_hl));
             }
           }
         } else {
           // Recompute the winning sample of each channel (first in (iy, ix) order on ties).
-          for (int64_t c = 0; c < cw; ++c) {
-            best[c] = neg_inf;
-            arg[c] = -1;
+          const size_t per_bin = 4 * static_cast<size_t>(ty.bound) * tx.bound;
+          if (off.size() < per_bin) {
+            off.resize(per_bin);
+            w.resize(per_bin);
           }
-          for (int iy = 0; iy < ty.count; ++iy) {
-            const Tap<A>& a = ty.taps[ph * ty.bound + iy];
-            for (int ix = 0; ix < tx.count; ++ix) {
-              const Tap<A>& e = tx.taps[pw * tx.bound + ix];
-              const A w_ll = a.w_lo * e.w_lo, w_lh = a.w_lo * e.w_hi;
-              const A w_hl = a.w_hi * e.w_lo, w_hh = a.w_hi * e.w_hi;
-              const S* p_ll = img + (static_cast<int64_t>(a.lo) * W + e.lo) * C;
-              const S* p_lh = img + (static_cast<int64_t>(a.lo) * W + e.hi) * C;
-              const S* p_hl = img + (static_cast<int64_t>(a.hi) * W + e.lo) * C;
-              const S* p_hh = img + (static_cast<int64_t>(a.hi) * W + e.hi) * C;
-              const int sample = iy * tx.count + ix;
-              for (int64_t c = 0; c < cw; ++c) {
-                A v = w_ll * to_acc(p_ll[c]);
-                v = v + w_lh * to_acc(p_lh[c]);
-                v = v + w_hl * to_acc(p_hl[c]);
-                v = v + w_hh * to_acc(p_hh[c]);
-                if (v > best[c]) {
-                  best[c] = v;
-                  arg[c] = sample;
-                }
-              }
-            }
-          }
+          const int ns = BinSamples(ty, tx, ph, pw, W, C, off.data(), w.data());
+          SampleBinArgMax(img, off.data(), w.data(), ns, arg.data(), cw);
           for (int64_t c = 0; c < cw; ++c) {
             if (arg[c] < 0) continue;
             const int iy = arg[c] / tx.count, ix = arg[c] % tx.count;
@@ -460,6 +421,7 @@ ffi::Error RoiAlignForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer rois, ffi::A
   const int64_t K = cfg.num_rois;
   if (K == 0 || cfg.channels == 0) return ffi::Error::Success();
   const int32_t* lv = static_cast<const int32_t*>(level.untyped_data());
+  AdviseHugePages(out->untyped_data(), out->size_bytes());
   DispatchFloat(dtype, [&](auto tag) {
     using S = decltype(tag);
     using A = typename AccOf<S>::type;

@@ -142,7 +142,7 @@ struct AxisGeom {
   T bin;       // bin size
   int count;   // samples per bin; <= 0: the bin has none
   T count_f;   // max(count, 1), the divisor of the sample offsets and of the average
-  T d_length;  // d(length)/d(raw length): 0 where the legacy max(length, 1) clamps
+  T d_length;  // d(length)/d(raw length): 0 where the legacy max(length, 1) clamps (length <= 1)
   T d_coord;   // d(start)/d(c1) = d(end)/d(c2): the spatial scale (0 when quantized)
 };
 
@@ -165,8 +165,8 @@ ROI_HD inline AxisGeom<T> axis_geometry(T c1, T c2, T scale, int64_t bins, int64
   }
   T length = end - start;
   g.d_length = T(1);
-  if (!aligned && length < T(1)) {  // legacy: a malformed box becomes one pixel wide
-    length = T(1);
+  if (!aligned && length <= T(1)) {  // legacy: a malformed box becomes one pixel wide;
+    length = T(1);                    // clamped at exactly 1 too (zero derivative there)
     g.d_length = T(0);
   }
   g.start = start;

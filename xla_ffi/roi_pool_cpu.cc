@@ -40,15 +40,27 @@ struct PoolBins {
   }
 };
 
+// Offsets (times C) of the cells of bin (ph, pw) in row-major order; returns their count.
+inline int BinCells(const PoolBins& bins, int64_t ph, int64_t pw, int64_t W, int64_t C, std::vector<int64_t>* off) {
+  const int n = bins.hy[ph] * bins.hx[pw];
+  if (off->size() < static_cast<size_t>(n)) off->resize(n);
+  int t = 0;
+  for (int dy = 0; dy < bins.hy[ph]; ++dy) {
+    for (int dx = 0; dx < bins.hx[pw]; ++dx) {
+      (*off)[t++] = ((static_cast<int64_t>(bins.y0[ph]) + dy) * W + bins.x0[pw] + dx) * C;
+    }
+  }
+  return n;
+}
+
 template <typename S>
 void PoolForwardRange(const PoolConfig& cfg, const typename AccOf<S>::type* rois, S* out, int64_t k0, int64_t k1) {
   using A = typename AccOf<S>::type;
   const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels;
   const int64_t H = cfg.level.height, W = cfg.level.width;
   const int64_t row = oh * ow * C;
-  const A neg_inf = -std::numeric_limits<A>::infinity();
   PoolBins bins;
-  std::vector<A> best(C);
+  std::vector<int64_t> off;
   for (int64_t k = k0; k < k1; ++k) {
     S* out_k = out + k * row;
     const A* roi = rois + 5 * k;
@@ -61,19 +73,8 @@ void PoolForwardRange(const PoolConfig& cfg, const typename AccOf<S>::type* rois
     bins.Build(cfg, roi);
     for (int64_t ph = 0; ph < oh; ++ph) {
       for (int64_t pw = 0; pw < ow; ++pw) {
-        A* bst = best.data();
-        for (int64_t c = 0; c < C; ++c) bst[c] = neg_inf;
-        for (int dy = 0; dy < bins.hy[ph]; ++dy) {
-          for (int dx = 0; dx < bins.hx[pw]; ++dx) {
-            const S* p = img + ((static_cast<int64_t>(bins.y0[ph]) + dy) * W + bins.x0[pw] + dx) * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const A v = to_acc(p[c]);
-              bst[c] = v > bst[c] ? v : bst[c];
-            }
-          }
-        }
-        S* o = out_k + (ph * ow + pw) * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = Store<S>::from(bst[c] == neg_inf ? A(0) : bst[c]);
+        const int n = BinCells(bins, ph, pw, W, C, &off);
+        CellBinMax(img, off.data(), n, out_k + (ph * ow + pw) * C, C);
       }
     }
   }
@@ -89,10 +90,9 @@ void PoolBackwardBlock(const PoolConfig& cfg, const S* cot, const typename AccOf
   const int64_t pixels = out_batch * H * W;
   for (int64_t q = 0; q < pixels; ++q) std::memset(d_feat + q * C + c0, 0, sizeof(A) * cw);
   if (H <= 0 || W <= 0 || B <= 0) return;
-  const A neg_inf = -std::numeric_limits<A>::infinity();
   PoolBins bins;
-  std::vector<A> best(cw);
-  std::vector<int64_t> arg(cw);
+  std::vector<int64_t> off;
+  std::vector<A> g(cw);
   for (int64_t k = 0; k < K; ++k) {
     const A* roi = rois + 5 * k;
     const int64_t b = roi_batch_index(roi, out_batch);
@@ -102,27 +102,11 @@ void PoolBackwardBlock(const PoolConfig& cfg, const S* cot, const typename AccOf
     bins.Build(cfg, roi);
     for (int64_t ph = 0; ph < oh; ++ph) {
       for (int64_t pw = 0; pw < ow; ++pw) {
-        for (int64_t c = 0; c < cw; ++c) {
-          best[c] = neg_inf;
-          arg[c] = -1;
-        }
-        for (int dy = 0; dy < bins.hy[ph]; ++dy) {
-          for (int dx = 0; dx < bins.hx[pw]; ++dx) {
-            const int64_t cell = (static_cast<int64_t>(bins.y0[ph]) + dy) * W + bins.x0[pw] + dx;
-            const S* p = img + cell * C;
-            for (int64_t c = 0; c < cw; ++c) {
-              const A v = to_acc(p[c]);
-              if (v > best[c]) {
-                best[c] = v;
-                arg[c] = cell;
-              }
-            }
-          }
-        }
-        const S* g = cot + ((k * oh + ph) * ow + pw) * C + c0;
-        for (int64_t c = 0; c < cw; ++c) {
-          if (arg[c] >= 0) dimg[arg[c] * C + c] += to_acc(g[c]);
-        }
+        const int n = BinCells(bins, ph, pw, W, C, &off);
+        if (n == 0) continue;
+        const S* gs = cot + ((k * oh + ph) * ow + pw) * C + c0;
+        for (int64_t c = 0; c < cw; ++c) g[c] = to_acc(gs[c]);
+        CellBinMaxScatter(img, off.data(), n, g.data(), dimg, cw);
       }
     }
   }
@@ -167,6 +151,7 @@ ffi::Error RoiPoolForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer rois, ffi::An
   cfg.ow = od[2];
   const int64_t K = cfg.num_rois;
   if (K == 0 || cfg.channels == 0) return ffi::Error::Success();
+  AdviseHugePages(out->untyped_data(), out->size_bytes());
   DispatchFloat(dtype, [&](auto tag) {
     using S = decltype(tag);
     using A = typename AccOf<S>::type;
