@@ -72,3 +72,16 @@ def random_rois(rng, num_images, height, width, count, *, scale=1.0, edge=True):
 
 # The padding, past-the-end, NaN and inf boxes above: all-zero rows and no gradient.
 DEAD_ROWS = slice(-7, -3)
+
+
+# Hypothesis profiles: "ci" (the default, fast) and "long" (`pytest --hypothesis-profile=long`).
+try:
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                   derandomize=False, print_blob=True)
+    settings.register_profile("ci", max_examples=8, **_common)
+    settings.register_profile("long", max_examples=400, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test extra; the property tests skip without it
+    pass

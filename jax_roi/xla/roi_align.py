@@ -143,7 +143,7 @@ def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):
             if per_channel:
                 a = jnp.expand_dims(a, expand)  # [K, P, 1, G] or [K, 1, Q, G]
                 a = jnp.broadcast_to(a, i.shape[:3] + a.shape[-1:])
-                return jnp.take_along_axis(a, i.reshape(i.shape[:3] + (-1,)), axis=-1).reshape(i.shape)
+                return jnp.take_along_axis(a, i, axis=-1)
             return jnp.expand_dims(lax.dynamic_index_in_dim(a, i, axis=2, keepdims=False), expand)[..., None]
 
         return pick(taps.lo), pick(taps.hi), pick(taps.w_lo), pick(taps.w_hi)
