@@ -13,6 +13,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -146,6 +147,43 @@ inline void AdviseHugePages(void* data, size_t bytes) {
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
 }
+
+// Rois grouped by the image (of d_features) they write: order[start[b], start[b+1]) lists
+// the live rois of image b in increasing k. image_of(k) returns the image or -1 (dead).
+struct ImageBuckets {
+  std::vector<int64_t> start, order;
+  template <typename F>
+  void Build(int64_t num_rois, int64_t num_images, F&& image_of) {
+    std::vector<int64_t> img(num_rois);
+    start.assign(num_images + 1, 0);
+    for (int64_t k = 0; k < num_rois; ++k) {
+      img[k] = image_of(k);
+      if (img[k] >= 0) ++start[img[k] + 1];
+    }
+    for (int64_t b = 0; b < num_images; ++b) start[b + 1] += start[b];
+    order.resize(start[num_images]);
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t k = 0; k < num_rois; ++k) {
+      if (img[k] >= 0) order[next[img[k]]++] = k;
+    }
+  }
+};
+
+// How the backward splits its work: items (image b, channel block j), each owning one
+// channel block of one image of d_features (race-free, no atomics). Full-width channel
+// blocks keep each pixel's channels contiguous (cache-friendly scatter); blocks are split
+// only as far as needed to give every thread work.
+struct BackwardSplit {
+  int64_t blocks = 1, width = 0;
+  BackwardSplit(int64_t channels, int64_t images, int64_t threads) {
+    const int64_t want = images > 0 ? (threads + images - 1) / images : 1;  // an item per thread
+    const int64_t max_blocks = std::max<int64_t>(1, channels / 32);  // blocks of >= 32 channels
+    blocks = std::max<int64_t>(1, std::min(want, max_blocks));
+    width = (channels + blocks - 1) / blocks;
+    width = (width + 15) / 16 * 16;  // whole vectors
+    blocks = width > 0 ? (channels + width - 1) / width : 1;
+  }
+};
 
 inline int64_t PoolThreads(ffi::ThreadPool& pool) { return std::max<int64_t>(pool.num_threads(), 1); }
 

@@ -377,6 +377,7 @@ JAX_ROI_INLINE void cell_bin_max_scatter(const S* img, const int64_t* off, int n
   const A neg_inf = -std::numeric_limits<A>::infinity();
   int64_t c = 0;
   for (; c + 2 * N <= C; c += 2 * N) {
+    const V g0 = load(g + c), g1 = load(g + c + N), zero{};  // issued early: g streams from memory
     V b0 = splat<V>(neg_inf), b1 = b0;
     I a0 = splat<I>(Idx(-1)), a1 = a0;
     for (int t = 0; t < n; ++t) {
@@ -389,7 +390,6 @@ JAX_ROI_INLINE void cell_bin_max_scatter(const S* img, const int64_t* off, int n
       a0 = m0 ? ti : a0;
       a1 = m1 ? ti : a1;
     }
-    const V g0 = load(g + c), g1 = load(g + c + N), zero{};
     for (int t = 0; t < n; ++t) {
       const I ti = splat<I>(Idx(t));
       const I m0 = a0 == ti, m1 = a1 == ti;

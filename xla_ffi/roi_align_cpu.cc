@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -209,20 +210,20 @@ void AlignForwardRange(const AlignConfig& cfg, const typename AccOf<S>::type* ro
 // Backward
 // ---------------------------------------------------------------------------------------
 
-// One channel block [c0, c1) of d_features for every roi, and that block's share of the
-// box gradients (partial[k*4 + {x1, y1, x2, y2}]).
+// Channel block [c0, c1) of image b of d_features: zeroes it, then adds the rois ks[0, nk)
+// (all writing image b), and their box-gradient shares over this block to
+// partial[k*4 + {x1, y1, x2, y2}].
 template <typename S>
 void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename AccOf<S>::type* rois,
-                        const int32_t* level, typename AccOf<S>::type* const* d_feat, int64_t out_batch,
-                        bool rois_grad, int64_t c0, int64_t c1, double* partial) {
+                        const int32_t* level, typename AccOf<S>::type* const* d_feat, bool rois_grad, int64_t b,
+                        const int64_t* ks, int64_t nk, int64_t c0, int64_t c1, double* partial) {
   using A = typename AccOf<S>::type;
-  const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels, K = cfg.num_rois;
+  const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels;
   const int64_t cw = c1 - c0;
-  // Zero this block of every level.
   for (int64_t l = 0; l < cfg.num_levels; ++l) {
     const Level& lev = cfg.levels[l];
-    const int64_t pixels = out_batch * lev.height * lev.width;
-    A* d = d_feat[l];
+    const int64_t pixels = lev.height * lev.width;
+    A* d = d_feat[l] + b * pixels * C;
     for (int64_t q = 0; q < pixels; ++q) std::memset(d + q * C + c0, 0, sizeof(A) * cw);
   }
   AxisTable<A> ty, tx;
@@ -230,10 +231,10 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
   std::vector<typename simd::Lanes<A>::Idx> arg(cw);
   std::vector<int64_t> off;
   const bool avg = !cfg.use_max;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t i = 0; i < nk; ++i) {
+    const int64_t k = ks[i];
     const A* roi = rois + 5 * k;
-    int64_t l, b;
-    if (!ResolveRoi(cfg, roi, level, k, out_batch, &l, &b)) continue;
+    const int64_t l = level[k];
     const Level& lev = cfg.levels[l];
     const int64_t H = lev.height, W = lev.width;
     const S* img = static_cast<const S*>(lev.data) + (b % lev.batch) * H * W * C + c0;
@@ -250,8 +251,13 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
     for (int64_t ph = 0; ph < oh; ++ph) {
       for (int64_t pw = 0; pw < ow; ++pw) {
         const S* gs = cot_k + (ph * ow + pw) * C;
-        for (int64_t c = 0; c < cw; ++c) g[c] = to_acc(gs[c]);
-        const A* gp = g.data();
+        const A* gp;
+        if constexpr (std::is_same_v<S, A>) {
+          gp = gs;
+        } else {
+          for (int64_t c = 0; c < cw; ++c) g[c] = to_acc(gs[c]);
+          gp = g.data();
+        }
         if (avg) {
           const size_t py = 2 * static_cast<size_t>(ty.bound), px = 2 * static_cast<size_t>(tx.bound);
           const int ny = ty.m_n[ph], nx = tx.m_n[pw];
@@ -499,21 +505,28 @@ ffi::Error RoiAlignBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::A
     const S* g = static_cast<const S*>(cot.untyped_data());
     std::vector<A*> df(cfg.num_levels);
     for (int64_t l = 0; l < cfg.num_levels; ++l) df[l] = static_cast<A*>(dptr[l]);
-    const int64_t threads = PoolThreads(pool);
-    int64_t block = (C + 2 * threads - 1) / (2 * threads);
-    block = std::max<int64_t>(16, (block + 15) / 16 * 16);
-    const int64_t chunks = C == 0 ? 0 : (C + block - 1) / block;
+    ImageBuckets buckets;
+    buckets.Build(K, out_batch, [&](int64_t k) {
+      int64_t l, b;
+      return ResolveRoi(cfg, r + 5 * k, lv, k, out_batch, &l, &b) ? b : int64_t{-1};
+    });
+    const BackwardSplit split(C, out_batch, PoolThreads(pool));
     const bool want = rois_grad != 0;
-    std::vector<double> partial(want ? static_cast<size_t>(chunks) * 4 * K : 0, 0.0);
-    ParallelFor(pool, chunks, [&](int64_t c) {
-      const int64_t c0 = c * block, c1 = std::min(C, c0 + block);
-      AlignBackwardBlock<S>(cfg, g, r, lv, df.data(), out_batch, want, c0, c1,
-                            want ? partial.data() + static_cast<size_t>(c) * 4 * K : nullptr);
+    // Box-gradient shares per channel block; a roi writes one image, so the items of one
+    // block never write the same k.
+    std::vector<double> partial(want ? static_cast<size_t>(split.blocks) * 4 * K : 0, 0.0);
+    ParallelFor(pool, out_batch * split.blocks, [&](int64_t item) {
+      const int64_t b = item / split.blocks, j = item % split.blocks;
+      const int64_t c0 = j * split.width, c1 = std::min(C, c0 + split.width);
+      const int64_t first = buckets.start[b];
+      AlignBackwardBlock<S>(cfg, g, r, lv, df.data(), want, b, buckets.order.data() + first,
+                            buckets.start[b + 1] - first, c0, c1,
+                            want ? partial.data() + static_cast<size_t>(j) * 4 * K : nullptr);
     });
     A* dr = static_cast<A*>(d_rois->untyped_data());
     for (int64_t k = 0; k < K; ++k) {
       double s[4] = {0, 0, 0, 0};
-      for (int64_t c = 0; c < chunks && want; ++c) {
+      for (int64_t c = 0; c < split.blocks && want; ++c) {
         for (int j = 0; j < 4; ++j) s[j] += partial[(static_cast<size_t>(c) * K + k) * 4 + j];
       }
       dr[5 * k + 0] = A(0);

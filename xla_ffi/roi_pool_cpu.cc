@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -80,33 +81,39 @@ void PoolForwardRange(const PoolConfig& cfg, const typename AccOf<S>::type* rois
   }
 }
 
+// Channel block [c0, c1) of image b of d_features: zeroes it, then adds the rois ks[0, nk)
+// (all writing image b) at each bin's first maximal cell.
 template <typename S>
 void PoolBackwardBlock(const PoolConfig& cfg, const S* cot, const typename AccOf<S>::type* rois,
-                       typename AccOf<S>::type* d_feat, int64_t out_batch, int64_t c0, int64_t c1) {
+                       typename AccOf<S>::type* d_feat, int64_t b, const int64_t* ks, int64_t nk, int64_t c0,
+                       int64_t c1) {
   using A = typename AccOf<S>::type;
-  const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels, K = cfg.num_rois;
+  const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels;
   const int64_t H = cfg.level.height, W = cfg.level.width, B = cfg.level.batch;
   const int64_t cw = c1 - c0;
-  const int64_t pixels = out_batch * H * W;
-  for (int64_t q = 0; q < pixels; ++q) std::memset(d_feat + q * C + c0, 0, sizeof(A) * cw);
-  if (H <= 0 || W <= 0 || B <= 0) return;
+  A* dimg = d_feat + b * H * W * C + c0;
+  for (int64_t q = 0; q < H * W; ++q) std::memset(dimg + q * C, 0, sizeof(A) * cw);
+  if (nk == 0) return;
+  const S* img = static_cast<const S*>(cfg.level.data) + (b % B) * H * W * C + c0;
   PoolBins bins;
   std::vector<int64_t> off;
   std::vector<A> g(cw);
-  for (int64_t k = 0; k < K; ++k) {
-    const A* roi = rois + 5 * k;
-    const int64_t b = roi_batch_index(roi, out_batch);
-    if (b < 0) continue;
-    const S* img = static_cast<const S*>(cfg.level.data) + (b % B) * H * W * C + c0;
-    A* dimg = d_feat + b * H * W * C + c0;
-    bins.Build(cfg, roi);
+  for (int64_t i = 0; i < nk; ++i) {
+    const int64_t k = ks[i];
+    bins.Build(cfg, rois + 5 * k);
     for (int64_t ph = 0; ph < oh; ++ph) {
       for (int64_t pw = 0; pw < ow; ++pw) {
         const int n = BinCells(bins, ph, pw, W, C, &off);
         if (n == 0) continue;
         const S* gs = cot + ((k * oh + ph) * ow + pw) * C + c0;
-        for (int64_t c = 0; c < cw; ++c) g[c] = to_acc(gs[c]);
-        CellBinMaxScatter(img, off.data(), n, g.data(), dimg, cw);
+        const A* gp;
+        if constexpr (std::is_same_v<S, A>) {
+          gp = gs;
+        } else {
+          for (int64_t c = 0; c < cw; ++c) g[c] = to_acc(gs[c]);
+          gp = g.data();
+        }
+        CellBinMaxScatter(img, off.data(), n, gp, dimg, cw);
       }
     }
   }
@@ -196,13 +203,17 @@ ffi::Error RoiPoolBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::An
     const A* r = static_cast<const A*>(rois.untyped_data());
     const S* g = static_cast<const S*>(cot.untyped_data());
     A* df = static_cast<A*>(d_features->untyped_data());
-    const int64_t threads = PoolThreads(pool);
-    int64_t block = (C + 2 * threads - 1) / (2 * threads);
-    block = std::max<int64_t>(16, (block + 15) / 16 * 16);
-    const int64_t chunks = (C + block - 1) / block;
-    ParallelFor(pool, chunks, [&](int64_t c) {
-      const int64_t c0 = c * block, c1 = std::min(C, c0 + block);
-      PoolBackwardBlock<S>(cfg, g, r, df, out_batch, c0, c1);
+    const int64_t H = cfg.level.height, W = cfg.level.width;
+    ImageBuckets buckets;
+    buckets.Build(K, out_batch, [&](int64_t k) {
+      return (H > 0 && W > 0) ? roi_batch_index(r + 5 * k, out_batch) : int64_t{-1};
+    });
+    const BackwardSplit split(C, out_batch, PoolThreads(pool));
+    ParallelFor(pool, out_batch * split.blocks, [&](int64_t item) {
+      const int64_t b = item / split.blocks, j = item % split.blocks;
+      const int64_t c0 = j * split.width, c1 = std::min(C, c0 + split.width);
+      const int64_t first = buckets.start[b];
+      PoolBackwardBlock<S>(cfg, g, r, df, b, buckets.order.data() + first, buckets.start[b + 1] - first, c0, c1);
     });
   });
   return ffi::Error::Success();
