@@ -79,3 +79,18 @@ def test_torchvision_golden(implementation, golden_data):
         cot = jnp.asarray(g[f"{tag}_cot_nhwc"])
         d_f = jax.grad(lambda f: jnp.sum(jax_roi.roi_pool(f, rois, (int(oh), int(ow)), **kw) * cot))(feats)
         np.testing.assert_allclose(np.asarray(d_f), g[f"{tag}_dfeat_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
+
+
+def test_per_image_form_rounds_bins_exactly(implementation):
+    """A 7-cell box in 3 bins: ceil(3 * (7/3)) must be 7 in float32 (XLA turns a division by
+    a broadcast constant into a reciprocal multiply, 7.0000005, unless told not to), in the
+    per-image form (vmapped over images) as in the rois form."""
+    rng = np.random.default_rng(13)
+    feats = jnp.asarray(rng.standard_normal((2, 16, 20, 2)), jnp.float32)
+    boxes = jnp.asarray([[[5.3, 3.41, 9.45, 9.29]], [[13.5, 3.41, 26.8, 9.29]]], jnp.float32)
+    rois = jnp.concatenate([jnp.array([[0.0], [1.0]]), boxes.reshape(2, 4)], axis=1)
+    per_image = jax_roi.roi_pool(feats, boxes, 3, implementation=implementation).reshape(2, 3, 3, 2)
+    flat = jax_roi.roi_pool(feats, rois, 3, implementation=implementation)
+    ref = R.roi_pool_ref(np.asarray(feats), np.asarray(rois), 3, coord_dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(per_image), np.asarray(flat))
+    np.testing.assert_allclose(np.asarray(flat), ref, atol=1e-7)

@@ -48,15 +48,19 @@ def round_half_away(v: jnp.ndarray) -> jnp.ndarray:
 
 def _unfused(value):
     """Hides ``value`` from XLA's algebraic rewrites, which are not exact in float: it would
-    contract ``a*b + c`` into a fused multiply-add and turn ``a / 3`` into ``a * (1/3)``.
-    Box and sample coordinates must round exactly as torchvision and the kernels do, or a
-    sample landing on the map's edge (``x == W``) flips validity."""
+    contract ``a*b + c`` into a fused multiply-add. Box and sample coordinates must round
+    exactly as torchvision and the kernels do, or a sample landing on the map's edge
+    (``x == W``) flips validity."""
     return lax.optimization_barrier(value)
 
 
 def exact_divide(numerator, denominator):
-    """IEEE division even by a constant (see :func:`_unfused`)."""
-    return numerator / _unfused(jnp.broadcast_to(jnp.asarray(denominator, numerator.dtype), numerator.shape))
+    """IEEE division. XLA rewrites ``a / c`` for a constant or broadcast ``c`` into
+    ``a * (1/c)``, which is off by an ulp (``7/3`` gives 2.3333335, not 2.3333333, and
+    ``ceil(3 * bin)`` becomes 8 instead of 7). A divisor that depends on the numerator
+    (``numerator * 0 + c``, which IEEE arithmetic does not let XLA fold) keeps the true
+    division, under ``vmap`` too."""
+    return numerator / _unfused(numerator * 0 + denominator)
 
 
 def live_boxes(rois, num_images):
@@ -113,13 +117,13 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
         count = jnp.minimum(jnp.ceil(bin_size), (size + bins - 1) // bins)
         count = jnp.where(jnp.isfinite(count), count, 0).astype(jnp.int32)
     count = jnp.where(live, count, 0)
-    count_f = _unfused(jnp.maximum(count, 1).astype(dtype))
+    count_f = jnp.maximum(count, 1).astype(dtype)
 
     p = jnp.arange(bins, dtype=dtype)[None, :, None]
     i = jnp.arange(bound, dtype=dtype)[None, None, :]
     # Same association as torchvision: (start + p*bin) + ((i + 0.5) * bin) / g.
-    pos = (start[:, None, None] + _unfused(p * bin_size[:, None, None])) + (
-        (i + 0.5) * bin_size[:, None, None]) / count_f[:, None, None]
+    pos = (start[:, None, None] + _unfused(p * bin_size[:, None, None])) + exact_divide(
+        (i + 0.5) * bin_size[:, None, None], count_f[:, None, None])
     size = size[:, None, None]
     valid = (jnp.arange(bound)[None, None, :] < count[:, None, None]) & (pos >= -1) & (pos <= size)
     pos = jnp.where(valid, pos, 0)  # the double-where: no inf/NaN in dead branches

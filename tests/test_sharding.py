@@ -1,0 +1,25 @@
+"""Batch-sharded jit over 8 simulated CPU devices: every path computes each shard locally
+(no all-gather / all-to-all of the features) and equals the unsharded result."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import IMPLEMENTATIONS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_batch_sharded_jit_is_local(implementation):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), implementation],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8, proc.stdout
+    for row in rows:
+        assert all(v == 0 for v in row["collectives"].values()), row
+        assert row["max_abs_diff"] < 1e-4, row
