@@ -43,6 +43,12 @@ CANONICAL_SCALE, CANONICAL_LEVEL = 32, 3
 DELTA_SCALE = np.array([10.0, 10.0, 5.0, 5.0], np.float32)  # Faster R-CNN's target normalisation
 
 
+
+def key(seed):
+    """A PRNG key; the "rbg" generator compiles several times faster than threefry on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -248,7 +254,7 @@ def main(argv=None):
     n = args.train_images + args.test_images
     images, gt_boxes, gt_classes = make_images(rng, n, args.size)
     boxes, labels, targets, matched = make_proposals(rng, gt_boxes, gt_classes, args.size, args.proposals)
-    levels = backbone(backbone_params(jax.random.key(args.seed)), jnp.asarray(images, jnp.float32))
+    levels = backbone(backbone_params(key(args.seed)), jnp.asarray(images, jnp.float32))
     train, test = slice(0, args.train_images), slice(args.train_images, n)
     train_levels, stats = standardize([lv[train] for lv in levels])
     test_levels, _ = standardize([lv[test] for lv in levels], stats)
@@ -260,7 +266,7 @@ def main(argv=None):
 
     model = BoxHead(hidden=args.hidden, implementation=args.implementation)
     tr = dict(boxes=jnp.asarray(boxes[train]), labels=jnp.asarray(labels[train]), targets=jnp.asarray(targets[train]))
-    params = model.init(jax.random.key(args.seed + 1), [lv[:1] for lv in train_levels], tr["boxes"][:1])
+    params = jax.jit(model.init)(key(args.seed + 1), [lv[:1] for lv in train_levels], tr["boxes"][:1])
     opt = optax.adam(args.lr)
     opt_state = opt.init(params)
 

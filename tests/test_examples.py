@@ -54,7 +54,7 @@ def test_detection_head_data():
     assert (labels > 0).any() and (labels == 0).any()
     fg = labels > 0
     np.testing.assert_allclose(mod.decode(boxes, targets)[fg], matched[fg], atol=1e-3)  # deltas round-trip
-    levels = mod.backbone(mod.backbone_params(__import__("jax").random.key(0)), images)
+    levels = mod.backbone(mod.backbone_params(mod.key(0)), images)
     assert [lv.shape[1] for lv in levels] == [16, 8, 4]
 
 
