@@ -280,7 +280,7 @@ def main(argv=None):
 
     losses = []
     batch = min(args.batch, args.train_images)
-    bar = tqdm(range(args.steps), desc="train", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(range(args.steps), desc="train", disable=args.no_progress, dynamic_ncols=True, mininterval=0.5)
     t1 = time.perf_counter()
     for step in bar:
         idx = jnp.asarray(rng.choice(args.train_images, batch, replace=False))
