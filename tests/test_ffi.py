@@ -432,3 +432,47 @@ def test_raw_pool_and_backward_targets_reject_bad_arguments():
             jnp.zeros((4, 2, 2, 3), jnp.float32), rois, jnp.zeros((4,), jnp.int32), f,
             spatial_scales=np.asarray([1.0]), sampling_ratio=np.int64(2), aligned=np.int64(1),
             reduction=np.int64(0), quantize=np.int64(0), rois_grad=np.int64(1)))
+
+
+# ----------------------------------------------------------------------------- SIMD variants
+
+
+def test_baseline_simd_variant_matches(tmp_path):
+    """The kernels' baseline (SSE2 / NEON) channel loops, forced with JAX_ROI_NO_AVX2 in a
+    child process, agree with the pure-JAX path like the AVX2+FMA ones."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        from jax_roi.ffi import _loader
+        from jax_roi.ffi import ops as F
+        from jax_roi import xla as X
+        assert _loader.load()[0] and _loader._state["ext"].cpu_simd() == "baseline"
+        rng = np.random.default_rng(0)
+        for dtype in (np.float32, np.float64, jnp.bfloat16):
+            f = jnp.asarray(rng.standard_normal((2, 9, 11, 37)), dtype)
+            x1 = rng.uniform(-3, 15, 40); y1 = rng.uniform(-3, 12, 40)
+            coord = np.float64 if dtype == np.float64 else np.float32
+            r = jnp.asarray(np.stack([rng.integers(0, 2, 40), x1, y1, x1 + rng.uniform(0, 9, 40),
+                                      y1 + rng.uniform(0, 9, 40)], 1).astype(coord))
+            tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+            for kw in (dict(sampling_ratio=2), dict(sampling_ratio=-1, reduction="max")):
+                a, b = F.roi_align(f, r, (3, 2), **kw), X.roi_align(f, r, (3, 2), **kw)
+                np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol, rtol=tol)
+                g = lambda impl: jax.grad(lambda f, r: jnp.sum((impl.roi_align(f, r, (3, 2), **kw) ** 2)
+                                                                .astype(jnp.float32)), argnums=(0, 1))(f, r)
+                for u, v in zip(g(F), g(X)):
+                    np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64),
+                                               atol=10 * tol, rtol=10 * tol)
+            a, b = F.roi_pool(f, r, (3, 2)), X.roi_pool(f, r, (3, 2))
+            np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+        print("ok")
+    """)
+    env = dict(os.environ, JAX_ROI_NO_AVX2="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -1,8 +1,8 @@
 // Channel-loop kernels of the CPU ops, written with GCC/Clang vector extensions (portable:
-// SSE2 on any x86-64, NEON on aarch64) and, on x86-64, also compiled for AVX2 and picked at
-// run time (target_clones): the wheel needs no -march and still uses the wider unit where
-// present. Every lane performs the same float operations in the same order on every ISA
-// (no FMA: contraction is off), so results do not depend on the machine.
+// SSE2 on any x86-64, NEON on aarch64). On x86-64 each kernel is also compiled for
+// AVX2+FMA and picked at run time (cpu_simd.cc): the wheel needs no -march and still uses
+// the wider unit where present. The channel sums may use fused multiply-add there (their
+// order already differs from the pure-JAX path's); the coordinate arithmetic never does.
 //
 // Storage types S: float, double, bf16, f16; accumulation A: float (double for double).
 #ifndef JAX_ROI_XLA_FFI_CPU_SIMD_H_
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "roi_math.h"
 
@@ -58,89 +59,61 @@ struct AccOf<double> {
 };
 
 #define JAX_ROI_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(JAX_ROI_NO_CLONES)
-#define JAX_ROI_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define JAX_ROI_CLONES
-#endif
 
 namespace simd {
 
-typedef float f32v __attribute__((vector_size(32)));
-typedef double f64v __attribute__((vector_size(32)));
-typedef int32_t i32v __attribute__((vector_size(32)));
-typedef int64_t i64v __attribute__((vector_size(32)));
-typedef uint16_t u16v __attribute__((vector_size(16)));
-typedef uint32_t u32v __attribute__((vector_size(32)));
-
-// Lanes of the accumulation type A, and how to read / write them from storage S.
-template <typename A>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using V = f32v;
-  using I = i32v;  // same-width integer vector (comparison masks, argmax indices)
-  using Idx = int32_t;
-  static constexpr int N = 8;
+// A GCC/Clang vector of W bytes of T.
+template <typename T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(W)));
 };
-template <>
-struct Lanes<double> {
-  using V = f64v;
-  using I = i64v;
-  using Idx = int64_t;
-  static constexpr int N = 4;
+
+// Lanes of the accumulation type A in a W-byte vector (16: SSE2 / NEON, 32: AVX2).
+template <typename A, int W>
+struct Lanes {
+  using Idx = typename std::conditional<sizeof(A) == 4, int32_t, int64_t>::type;  // argmax indices
+  using V = typename Vec<A, W>::type;
+  using I = typename Vec<Idx, W>::type;  // same-width integer vector (comparison masks)
+  static constexpr int N = W / static_cast<int>(sizeof(A));
 };
 
 template <typename V, typename A>
 JAX_ROI_INLINE V splat(A a) {
-  return V{} + a;
+  return a - V{};  // a broadcast (x - 0 == x exactly, so the subtraction folds away)
 }
 
-JAX_ROI_INLINE f32v load(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-JAX_ROI_INLINE f64v load(const double* p) {
-  f64v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-JAX_ROI_INLINE f32v load(const bf16* p) {
-  u16v h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32v w = __builtin_convertvector(h, u32v) << 16;
-  f32v v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-JAX_ROI_INLINE f32v load(const f16* p) {
-  float tmp[8];
-  for (int j = 0; j < 8; ++j) tmp[j] = half_to_float(p[j].bits);
-  f32v v;
-  std::memcpy(&v, tmp, sizeof(v));
+// Reads sizeof(V)/sizeof(lane) elements of storage type S as a vector V of the accumulation
+// (or index) type; 16-bit floats are widened (bf16 by a shift, f16 element by element).
+template <typename V, typename S>
+JAX_ROI_INLINE V load(const S* p) {
+  V v;
+  if constexpr (std::is_same<S, bf16>::value) {
+    using h_t = typename Vec<uint16_t, sizeof(V) / 2>::type;
+    using w_t = typename Vec<uint32_t, sizeof(V)>::type;
+    h_t h;
+    std::memcpy(&h, p, sizeof(h));
+    const w_t w = __builtin_convertvector(h, w_t) << 16;
+    std::memcpy(&v, &w, sizeof(v));
+  } else if constexpr (std::is_same<S, f16>::value) {
+    constexpr int N = sizeof(V) / 4;
+    float tmp[N];
+    for (int j = 0; j < N; ++j) tmp[j] = half_to_float(p[j].bits);
+    std::memcpy(&v, tmp, sizeof(v));
+  } else {
+    std::memcpy(&v, p, sizeof(v));
+  }
   return v;
 }
 
-JAX_ROI_INLINE i32v load(const int32_t* p) {
-  i32v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-JAX_ROI_INLINE i64v load(const int64_t* p) {
-  i64v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-JAX_ROI_INLINE void store(int32_t* p, i32v v) { std::memcpy(p, &v, sizeof(v)); }
-JAX_ROI_INLINE void store(int64_t* p, i64v v) { std::memcpy(p, &v, sizeof(v)); }
-JAX_ROI_INLINE void store(float* p, f32v v) { std::memcpy(p, &v, sizeof(v)); }
-JAX_ROI_INLINE void store(double* p, f64v v) { std::memcpy(p, &v, sizeof(v)); }
-JAX_ROI_INLINE void store(bf16* p, f32v v) {
-  for (int j = 0; j < 8; ++j) p[j] = bf16{float_to_bf16(v[j])};
-}
-JAX_ROI_INLINE void store(f16* p, f32v v) {
-  for (int j = 0; j < 8; ++j) p[j] = f16{float_to_half(v[j])};
+template <typename V, typename S>
+JAX_ROI_INLINE void store(S* p, V v) {
+  if constexpr (std::is_same<S, bf16>::value) {
+    for (int j = 0; j < static_cast<int>(sizeof(V) / 4); ++j) p[j] = bf16{float_to_bf16(v[j])};
+  } else if constexpr (std::is_same<S, f16>::value) {
+    for (int j = 0; j < static_cast<int>(sizeof(V) / 4); ++j) p[j] = f16{float_to_half(v[j])};
+  } else {
+    std::memcpy(p, &v, sizeof(v));
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -148,21 +121,28 @@ JAX_ROI_INLINE void store(f16* p, f32v v) {
 // ---------------------------------------------------------------------------------------
 
 // out[c] = sum_t w[t] * img[off[t] + c], c < C.
-template <typename S, typename A>
+template <typename S, typename A, int W>
 JAX_ROI_INLINE void gather_sum(const S* img, const int64_t* off, const A* w, int n, S* out, int64_t C) {
-  using L = Lanes<A>;
+  using L = Lanes<A, W>;
   using V = typename L::V;
   constexpr int N = L::N;
+  // The weights, broadcast once (not once per channel block).
+  constexpr int kMaxSplat = 64;
+  V wv[kMaxSplat];
+  const bool pre = n <= kMaxSplat;
+  if (pre) {
+    for (int t = 0; t < n; ++t) wv[t] = splat<V>(w[t]);
+  }
   int64_t c = 0;
   for (; c + 4 * N <= C; c += 4 * N) {
     V a0{}, a1{}, a2{}, a3{};
     for (int t = 0; t < n; ++t) {
       const S* p = img + off[t] + c;
-      const V wt = splat<V>(w[t]);
-      a0 += wt * load(p);
-      a1 += wt * load(p + N);
-      a2 += wt * load(p + 2 * N);
-      a3 += wt * load(p + 3 * N);
+      const V wt = pre ? wv[t] : splat<V>(w[t]);
+      a0 += wt * load<V>(p);
+      a1 += wt * load<V>(p + N);
+      a2 += wt * load<V>(p + 2 * N);
+      a3 += wt * load<V>(p + 3 * N);
     }
     store(out + c, a0);
     store(out + c + N, a1);
@@ -171,7 +151,7 @@ JAX_ROI_INLINE void gather_sum(const S* img, const int64_t* off, const A* w, int
   }
   for (; c + N <= C; c += N) {
     V a0{};
-    for (int t = 0; t < n; ++t) a0 += splat<V>(w[t]) * load(img + off[t] + c);
+    for (int t = 0; t < n; ++t) a0 += splat<V>(w[t]) * load<V>(img + off[t] + c);
     store(out + c, a0);
   }
   for (; c < C; ++c) {
@@ -182,9 +162,9 @@ JAX_ROI_INLINE void gather_sum(const S* img, const int64_t* off, const A* w, int
 }
 
 // d[off[t] + c] += w[t] * g[c] for every t, c < C (d, g in the accumulation type).
-template <typename A>
+template <typename A, int W>
 JAX_ROI_INLINE void scatter_axpy(A* d, const int64_t* off, const A* w, int n, const A* g, int64_t C) {
-  using L = Lanes<A>;
+  using L = Lanes<A, W>;
   using V = typename L::V;
   constexpr int N = L::N;
   for (int t = 0; t < n; ++t) {
@@ -192,25 +172,25 @@ JAX_ROI_INLINE void scatter_axpy(A* d, const int64_t* off, const A* w, int n, co
     const A wt = w[t];
     const V wv = splat<V>(wt);
     int64_t c = 0;
-    for (; c + N <= C; c += N) store(q + c, load(q + c) + wv * load(g + c));
+    for (; c + N <= C; c += N) store(q + c, load<V>(q + c) + wv * load<V>(g + c));
     for (; c < C; ++c) q[c] += wt * g[c];
   }
 }
 
 // The four channel dot products <g, p_j>, c < C.
-template <typename S, typename A>
+template <typename S, typename A, int W>
 JAX_ROI_INLINE void dot4(const A* g, const S* p0, const S* p1, const S* p2, const S* p3, int64_t C, A* out) {
-  using L = Lanes<A>;
+  using L = Lanes<A, W>;
   using V = typename L::V;
   constexpr int N = L::N;
   V s0{}, s1{}, s2{}, s3{};
   int64_t c = 0;
   for (; c + N <= C; c += N) {
-    const V gv = load(g + c);
-    s0 += gv * load(p0 + c);
-    s1 += gv * load(p1 + c);
-    s2 += gv * load(p2 + c);
-    s3 += gv * load(p3 + c);
+    const V gv = load<V>(g + c);
+    s0 += gv * load<V>(p0 + c);
+    s1 += gv * load<V>(p1 + c);
+    s2 += gv * load<V>(p2 + c);
+    s3 += gv * load<V>(p3 + c);
   }
   A r0 = 0, r1 = 0, r2 = 0, r3 = 0;
   for (int j = 0; j < N; ++j) {
@@ -236,15 +216,24 @@ JAX_ROI_INLINE void dot4(const A* g, const S* p0, const S* p1, const S* p2, cons
 // pure-JAX path); ns samples. Without samples, or when no value beats -inf, the result is 0.
 // kArg: also the index of the first sample reaching the maximum (strict >), -1 if none;
 // `out` is then unused. Channel blocks of 2 vectors stay in registers across samples.
-template <typename S, typename A, bool kArg>
+template <typename S, typename A, int W, bool kArg>
 JAX_ROI_INLINE void sample_bin_max(const S* img, const int64_t* off, const A* w, int ns, S* out,
-                                   typename Lanes<A>::Idx* arg, int64_t C) {
-  using L = Lanes<A>;
+                                   typename Lanes<A, W>::Idx* arg, int64_t C) {
+  using L = Lanes<A, W>;
   using V = typename L::V;
   using I = typename L::I;
   using Idx = typename L::Idx;
   constexpr int N = L::N;
   const A neg_inf = -std::numeric_limits<A>::infinity();
+  // Weights and sample indices broadcast once (not once per channel block).
+  constexpr int kMaxSamples = 16;
+  V wv[4 * kMaxSamples];
+  I sv[kMaxSamples];
+  const bool pre = ns <= kMaxSamples;
+  if (pre) {
+    for (int t = 0; t < 4 * ns; ++t) wv[t] = splat<V>(w[t]);
+    for (int t = 0; t < ns; ++t) sv[t] = splat<I>(Idx(t));
+  }
   int64_t c = 0;
   for (; c + 2 * N <= C; c += 2 * N) {
     V b0 = splat<V>(neg_inf), b1 = b0;
@@ -252,20 +241,21 @@ JAX_ROI_INLINE void sample_bin_max(const S* img, const int64_t* off, const A* w,
     for (int s = 0; s < ns; ++s) {
       const int64_t* o = off + 4 * s;
       const A* ws = w + 4 * s;
-      const V w0 = splat<V>(ws[0]), w1 = splat<V>(ws[1]), w2 = splat<V>(ws[2]), w3 = splat<V>(ws[3]);
-      V v0 = w0 * load(img + o[0] + c);
-      V v1 = w0 * load(img + o[0] + c + N);
-      v0 = v0 + w1 * load(img + o[1] + c);
-      v1 = v1 + w1 * load(img + o[1] + c + N);
-      v0 = v0 + w2 * load(img + o[2] + c);
-      v1 = v1 + w2 * load(img + o[2] + c + N);
-      v0 = v0 + w3 * load(img + o[3] + c);
-      v1 = v1 + w3 * load(img + o[3] + c + N);
+      const V w0 = pre ? wv[4 * s] : splat<V>(ws[0]), w1 = pre ? wv[4 * s + 1] : splat<V>(ws[1]);
+      const V w2 = pre ? wv[4 * s + 2] : splat<V>(ws[2]), w3 = pre ? wv[4 * s + 3] : splat<V>(ws[3]);
+      V v0 = w0 * load<V>(img + o[0] + c);
+      V v1 = w0 * load<V>(img + o[0] + c + N);
+      v0 = v0 + w1 * load<V>(img + o[1] + c);
+      v1 = v1 + w1 * load<V>(img + o[1] + c + N);
+      v0 = v0 + w2 * load<V>(img + o[2] + c);
+      v1 = v1 + w2 * load<V>(img + o[2] + c + N);
+      v0 = v0 + w3 * load<V>(img + o[3] + c);
+      v1 = v1 + w3 * load<V>(img + o[3] + c + N);
       const I m0 = v0 > b0, m1 = v1 > b1;
       b0 = m0 ? v0 : b0;
       b1 = m1 ? v1 : b1;
       if (kArg) {
-        const I si = splat<I>(Idx(s));
+        const I si = pre ? sv[s] : splat<I>(Idx(s));
         a0 = m0 ? si : a0;
         a1 = m1 ? si : a1;
       }
@@ -304,29 +294,35 @@ JAX_ROI_INLINE void sample_bin_max(const S* img, const int64_t* off, const A* w,
 
 // Maximum over whole cells img[off[t] + c], t < n (RoIPool); 0 when no cell beats -inf.
 // kArg: the index t of the first maximal cell (strict >), -1 if none; `out` unused.
-template <typename S, typename A, bool kArg>
-JAX_ROI_INLINE void cell_bin_max(const S* img, const int64_t* off, int n, S* out, typename Lanes<A>::Idx* arg,
+template <typename S, typename A, int W, bool kArg>
+JAX_ROI_INLINE void cell_bin_max(const S* img, const int64_t* off, int n, S* out, typename Lanes<A, W>::Idx* arg,
                                  int64_t C) {
-  using L = Lanes<A>;
+  using L = Lanes<A, W>;
   using V = typename L::V;
   using I = typename L::I;
   using Idx = typename L::Idx;
   constexpr int N = L::N;
   const A neg_inf = -std::numeric_limits<A>::infinity();
+  constexpr int kMaxCells = 64;
+  I tv[kArg ? kMaxCells : 1];
+  const bool pre = kArg && n <= kMaxCells;
+  if (pre) {
+    for (int t = 0; t < n; ++t) tv[t] = splat<I>(Idx(t));
+  }
   int64_t c = 0;
   for (; c + 4 * N <= C; c += 4 * N) {
     V b0 = splat<V>(neg_inf), b1 = b0, b2 = b0, b3 = b0;
     I a0 = splat<I>(Idx(-1)), a1 = a0, a2 = a0, a3 = a0;
     for (int t = 0; t < n; ++t) {
       const S* p = img + off[t] + c;
-      const V v0 = load(p), v1 = load(p + N), v2 = load(p + 2 * N), v3 = load(p + 3 * N);
+      const V v0 = load<V>(p), v1 = load<V>(p + N), v2 = load<V>(p + 2 * N), v3 = load<V>(p + 3 * N);
       const I m0 = v0 > b0, m1 = v1 > b1, m2 = v2 > b2, m3 = v3 > b3;
       b0 = m0 ? v0 : b0;
       b1 = m1 ? v1 : b1;
       b2 = m2 ? v2 : b2;
       b3 = m3 ? v3 : b3;
       if (kArg) {
-        const I ti = splat<I>(Idx(t));
+        const I ti = pre ? tv[t] : splat<I>(Idx(t));
         a0 = m0 ? ti : a0;
         a1 = m1 ? ti : a1;
         a2 = m2 ? ti : a2;
@@ -367,35 +363,41 @@ JAX_ROI_INLINE void cell_bin_max(const S* img, const int64_t* off, int n, S* out
 // RoIPool backward of one bin: finds each channel's first maximal cell img[off[t] + c]
 // (strict >, t in order) and adds g[c] to d[off[t] + c] there (masked vector adds, no
 // scalar scatter). d and g are in the accumulation type.
-template <typename S, typename A>
+template <typename S, typename A, int W>
 JAX_ROI_INLINE void cell_bin_max_scatter(const S* img, const int64_t* off, int n, const A* g, A* d, int64_t C) {
-  using L = Lanes<A>;
+  using L = Lanes<A, W>;
   using V = typename L::V;
   using I = typename L::I;
   using Idx = typename L::Idx;
   constexpr int N = L::N;
   const A neg_inf = -std::numeric_limits<A>::infinity();
+  constexpr int kMaxCells = 64;
+  I tv[kMaxCells];
+  const bool pre = n <= kMaxCells;
+  if (pre) {
+    for (int t = 0; t < n; ++t) tv[t] = splat<I>(Idx(t));
+  }
   int64_t c = 0;
   for (; c + 2 * N <= C; c += 2 * N) {
-    const V g0 = load(g + c), g1 = load(g + c + N), zero{};  // issued early: g streams from memory
+    const V g0 = load<V>(g + c), g1 = load<V>(g + c + N), zero{};  // issued early: g streams from memory
     V b0 = splat<V>(neg_inf), b1 = b0;
     I a0 = splat<I>(Idx(-1)), a1 = a0;
     for (int t = 0; t < n; ++t) {
       const S* p = img + off[t] + c;
-      const V v0 = load(p), v1 = load(p + N);
+      const V v0 = load<V>(p), v1 = load<V>(p + N);
       const I m0 = v0 > b0, m1 = v1 > b1;
-      const I ti = splat<I>(Idx(t));
+      const I ti = pre ? tv[t] : splat<I>(Idx(t));
       b0 = m0 ? v0 : b0;
       b1 = m1 ? v1 : b1;
       a0 = m0 ? ti : a0;
       a1 = m1 ? ti : a1;
     }
     for (int t = 0; t < n; ++t) {
-      const I ti = splat<I>(Idx(t));
+      const I ti = pre ? tv[t] : splat<I>(Idx(t));
       const I m0 = a0 == ti, m1 = a1 == ti;
       A* q = d + off[t] + c;
-      store(q, load(q) + (m0 ? g0 : zero));
-      store(q + N, load(q + N) + (m1 ? g1 : zero));
+      store(q, load<V>(q) + (m0 ? g0 : zero));
+      store(q + N, load<V>(q + N) + (m1 ? g1 : zero));
     }
   }
   for (; c < C; ++c) {
@@ -422,10 +424,10 @@ JAX_ROI_INLINE void cell_bin_max_scatter(const S* img, const int64_t* off, int n
   void GatherSum(const S* img, const int64_t* off, const A* w, int n, S* out, int64_t C);              \
   void Dot4(const A* g, const S* p0, const S* p1, const S* p2, const S* p3, int64_t C, A* out);        \
   void SampleBinMax(const S* img, const int64_t* off, const A* w, int ns, S* out, int64_t C);          \
-  void SampleBinArgMax(const S* img, const int64_t* off, const A* w, int ns, simd::Lanes<A>::Idx* arg, \
+  void SampleBinArgMax(const S* img, const int64_t* off, const A* w, int ns, simd::Lanes<A, 16>::Idx* arg, \
                        int64_t C);                                                                      \
   void CellBinMax(const S* img, const int64_t* off, int n, S* out, int64_t C);                         \
-  void CellBinArgMax(const S* img, const int64_t* off, int n, simd::Lanes<A>::Idx* arg, int64_t C);
+  void CellBinArgMax(const S* img, const int64_t* off, int n, simd::Lanes<A, 16>::Idx* arg, int64_t C);
 
 JAX_ROI_DECLARE_KERNELS(float, float)
 JAX_ROI_DECLARE_KERNELS(double, double)
@@ -439,6 +441,9 @@ void CellBinMaxScatter(const f16* img, const int64_t* off, int n, const float* g
 void CellBinMaxScatter(const double* img, const int64_t* off, int n, const double* g, double* d, int64_t C);
 void ScatterAxpy(float* d, const int64_t* off, const float* w, int n, const float* g, int64_t C);
 void ScatterAxpy(double* d, const int64_t* off, const double* w, int n, const double* g, int64_t C);
+
+// Whether the AVX2+FMA kernels run (x86-64 with both, unless JAX_ROI_NO_AVX2 is set).
+bool SimdUsesAvx2();
 
 }  // namespace cpu
 }  // namespace jax_roi

@@ -11,4 +11,11 @@ XLA_FFI_Error* JaxRoiPoolForwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolBackwardCpu(XLA_FFI_CallFrame* call_frame);
 }
 
+namespace jax_roi {
+namespace cpu {
+// Whether the channel loops run their AVX2+FMA variants (cpu_simd.cc).
+bool SimdUsesAvx2();
+}  // namespace cpu
+}  // namespace jax_roi
+
 #endif  // JAX_ROI_XLA_FFI_CPU_TARGETS_H_

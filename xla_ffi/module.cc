@@ -40,6 +40,9 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCpu);
     return d;
   });
+  // Which variant of the CPU channel loops runs: "avx2+fma" or "baseline" (SSE2 / NEON;
+  // forced by the environment variable JAX_ROI_NO_AVX2).
+  m.def("cpu_simd", []() { return jax_roi::cpu::SimdUsesAvx2() ? "avx2+fma" : "baseline"; });
   // The CUDA build (JAX_ROI_CUDA): same names, registered for platform "CUDA". The
   // backward targets take one more attribute than the CPU ones: `deterministic` (int64).
 #ifdef JAX_ROI_WITH_CUDA

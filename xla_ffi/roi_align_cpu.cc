@@ -228,7 +228,7 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
   }
   AxisTable<A> ty, tx;
   std::vector<A> g(cw), dpy, dpx, w;
-  std::vector<typename simd::Lanes<A>::Idx> arg(cw);
+  std::vector<typename simd::Lanes<A, 16>::Idx> arg(cw);
   std::vector<int64_t> off;
   const bool avg = !cfg.use_max;
   for (int64_t i = 0; i < nk; ++i) {
