@@ -159,8 +159,8 @@ def test_torchvision_golden(implementation, golden_data):
 
 
 def test_torchvision_golden_per_image_boxes(implementation, golden_data):
-    """The [B, R, 4] form on torchvision's per-image box lists (padded with -1 rows... here the
-    two lists are cut to a common length) equals the rois form."""
+    """The [B, R, 4] form on torchvision's per-image box lists (cut to a common length: the
+    per-image form needs the same R for every image) equals torchvision's rows."""
     g = golden_data
     levels = _golden_levels(g)
     scales = [float(s) for s in g["msra_scales"]]
