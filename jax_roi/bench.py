@@ -109,8 +109,11 @@ def _measure_torchvision(name, op, repeats):
 
     w = WORKLOADS[name]
     feats, rois = make_inputs(name)
-    feats = [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in feats]
-    rois_t = torch.from_numpy(rois)
+    # On the GPU when torch sees one (the peer of the CUDA kernels), else on the CPU.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    feats = [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2))).to(dev) for f in feats]
+    rois_t = torch.from_numpy(rois).to(dev)
     if op == "multiscale_roi_align":
         names = [str(i) for i in range(len(feats))]
         pooler = torchvision.ops.MultiScaleRoIAlign(names, w["output"], w["sampling_ratio"])
@@ -127,14 +130,19 @@ def _measure_torchvision(name, op, repeats):
             return torchvision.ops.roi_align(x[0], rois_t, w["output"], w["scales"][0],
                                              w["sampling_ratio"], aligned=True)
 
+    def fwd():
+        f(feats)
+        sync()
+
     def fwd_bwd():
         xs = [t.clone().requires_grad_(True) for t in feats]
         f(xs).sum().backward()
+        sync()
 
-    result = {"fwd_compile_ms": 0.0, "fwd_bwd_compile_ms": 0.0}
+    result = {"fwd_compile_ms": 0.0, "fwd_bwd_compile_ms": 0.0, "device": dev}
     with torch.no_grad():
-        f(feats)
-        result["fwd_ms"] = _median_ms(lambda: f(feats), repeats)
+        fwd()
+        result["fwd_ms"] = _median_ms(fwd, repeats)
     fwd_bwd()
     result["fwd_bwd_ms"] = _median_ms(fwd_bwd, repeats)
     return result
@@ -177,6 +185,29 @@ def _child(name, op, path, repeats, timeout):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _bytes_moved(name, op):
+    """Bytes a forward must move (BENCHMARKS.md): features read once, output written once."""
+    w = WORKLOADS[name]
+    feats = sum(w["images"] * h * wd * CHANNELS * 4 for h, wd in w["levels"])
+    if op != "multiscale_roi_align":
+        h, wd = w["levels"][0]
+        feats = w["images"] * h * wd * CHANNELS * 4
+    return feats + w["images"] * w["per_image"] * w["output"] ** 2 * CHANNELS * 4
+
+
+def device_copy_gbps(repeats=10, nbytes=1 << 30):
+    """Device-to-device copy bandwidth (bytes read + written per second, GB/s) of the
+    default JAX device: a jitted elementwise op over ``nbytes`` of float32."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda v: v * 2.0)
+    jax.block_until_ready(f(x))
+    ms = _median_ms(lambda: jax.block_until_ready(f(x)), repeats)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
 def run(workloads, ops, paths, repeats, json_path, timeout=900):
     import jax
 
@@ -190,11 +221,22 @@ def run(workloads, ops, paths, repeats, json_path, timeout=900):
             for path in paths:
                 res = _child(name, op, path, repeats, timeout)
                 res.update(workload=name, op=op, path=path)
+                if "fwd_ms" in res:  # achieved forward bandwidth, BENCHMARKS.md's bytes
+                    res["fwd_gbps"] = _bytes_moved(name, op) / (res["fwd_ms"] * 1e-3) / 1e9
                 rows.append(res)
                 print(_format_row(res), flush=True)
     _print_ratios(rows)
     info = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                 cpu_count=os.cpu_count(), repeats=repeats, jax=jax.__version__, rows=rows)
+    if jax.default_backend() == "gpu":  # the ceiling the achieved bandwidths compare with
+        copy = device_copy_gbps()
+        info["device_copy_gbps"] = copy
+        print(f"device copy bandwidth: {copy:.0f} GB/s (read + write); forward bandwidth achieved:")
+        for r in rows:
+            if "fwd_gbps" in r:
+                r["fwd_bw_fraction"] = r["fwd_gbps"] / copy
+                print(f"  {r['workload']:<18} {r['op']:<21} {r['path']:<12} {r['fwd_gbps']:8.1f} GB/s "
+                      f"({100 * r['fwd_bw_fraction']:.1f}% of copy)")
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(info, fh, indent=1)

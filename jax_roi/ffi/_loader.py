@@ -88,7 +88,10 @@ def _register():
     for name, capsule in cuda.items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     if cuda:
-        built.append("cuda")
+        # "gpu" too: jax.default_backend() names a CUDA backend "gpu", and callers test
+        # `jax.default_backend() in platforms()`. (On ROCm the ops' platform_dependent
+        # has no rocm branch, so they would run the pure-JAX path there.)
+        built += ["cuda", "gpu"]
     return tuple(built), None, ext
 
 

@@ -7,8 +7,9 @@ Inputs are canonical (``features [B, H, W, C]``, ``rois [K, 5]`` in the coordina
   gradients for RoIAlign; no rois gradient for RoIWarp and RoIPool (SEMANTICS.md). The box
   gradient is only computed when the rois are actually differentiated
   (``symbolic_zeros``);
-* around ``lax.platform_dependent``: ``cpu`` runs the kernel, every other platform the
-  pure-JAX path of ``jax_roi.xla`` (a CUDA branch slots in next to ``cpu``);
+* around ``lax.platform_dependent``: ``cpu`` runs the CPU kernel, ``cuda`` the CUDA kernel
+  (when the extension was built with CUDA), every other platform the pure-JAX path of
+  ``jax_roi.xla``;
 * whose custom calls carry a ``jax.custom_batching.custom_vmap`` rule, so ``jax.vmap``
   lowers to ONE call: a mapped axis of the rois folds into the box axis K (the shared
   feature map is neither broadcast nor copied); a mapped axis of the features folds into
@@ -26,6 +27,11 @@ The targets (registered by ``_loader``; NHWC, rois ``[K, 5]`` f32, f64 for f64 f
     features needs no copy).
 ``jax_roi_roi_pool_fwd(rois, features) -> out``, ``jax_roi_roi_pool_bwd(cot, rois,
 features) -> d_features``: attrs ``spatial_scale`` (f64), ``binning`` (0 caffe, 1 floor).
+
+The CUDA backward targets take one more attribute, ``deterministic`` (int64): 0 scatters
+the feature gradient with atomics (run-to-run differences in the last bits), 1 gathers it
+per feature tile in a fixed order (bitwise reproducible, slower). The CPU kernels are
+deterministic and take no such attribute.
 """
 
 from __future__ import annotations
@@ -53,6 +59,15 @@ _BINNINGS = {"caffe": 0, "floor": 1}
 
 def _acc_dtype(dtype):
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _cuda_built():
+    return "cuda" in _loader.platforms()
+
+
+def _branches(cpu, cuda):
+    """``platform_dependent`` branches: the kernels on cpu, and on cuda where built."""
+    return dict(cpu=cpu, cuda=cuda) if _cuda_built() else dict(cpu=cpu)
 
 
 def _ensure_loaded():
@@ -94,11 +109,14 @@ def _offset_rois(rois, num_images):
 # ---------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quantize):
+def _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quantize, deterministic=None):
+    """The forward and backward calls; ``deterministic`` (CUDA targets only) is passed to
+    the backward when not None."""
     oh, ow = output_size
     attrs = dict(spatial_scales=np.asarray(scales, np.float64), sampling_ratio=np.int64(sampling_ratio),
                  aligned=np.int64(aligned), reduction=np.int64(_REDUCTIONS[reduction]),
                  quantize=np.int64(quantize))
+    bwd_attrs = dict(attrs) if deterministic is None else dict(attrs, deterministic=np.int64(bool(deterministic)))
 
     @custom_vmap
     def forward(rois, level, features):
@@ -122,7 +140,7 @@ def _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quanti
     def make_backward(rois_grad):
         @custom_vmap
         def backward(cot, rois, level, features):
-            return _align_bwd_call(cot, rois, level, features, attrs, rois_grad, features[0].shape[0])
+            return _align_bwd_call(cot, rois, level, features, bwd_attrs, rois_grad, features[0].shape[0])
 
         @backward.def_vmap
         def _backward_rule(n, in_batched, cot, rois, level, features):
@@ -135,7 +153,7 @@ def _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quanti
             rois_f = _offset_rois(_bcast(rois, rois_b, n), num_images)
             level_f = _fold(_bcast(level, level_b, n))
             cot_f = _fold(_bcast(cot, cot_b, n))
-            d_rois, d_feats = _align_bwd_call(cot_f, rois_f, level_f, feats, attrs, rois_grad, n * num_images)
+            d_rois, d_feats = _align_bwd_call(cot_f, rois_f, level_f, feats, bwd_attrs, rois_grad, n * num_images)
             out = (_unfold(d_rois, n), tuple(_unfold(d, n) for d in d_feats))
             return out, (True, tuple(True for _ in d_feats))
 
@@ -155,9 +173,10 @@ def _align_bwd_call(cot, rois, level, features, attrs, rois_grad, out_images):
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_calls(output_size, spatial_scale, binning):
+def _pool_calls(output_size, spatial_scale, binning, deterministic=None):
     oh, ow = output_size
     attrs = dict(spatial_scale=np.float64(spatial_scale), binning=np.int64(_BINNINGS[binning]))
+    bwd_attrs = dict(attrs) if deterministic is None else dict(attrs, deterministic=np.int64(bool(deterministic)))
 
     @custom_vmap
     def forward(rois, features):
@@ -177,7 +196,7 @@ def _pool_calls(output_size, spatial_scale, binning):
 
     def bwd_call(cot, rois, features, out_images):
         out = jax.ShapeDtypeStruct((out_images,) + features.shape[1:], _acc_dtype(features.dtype))
-        return jax.ffi.ffi_call(POOL_BWD, out)(cot, rois, features, **attrs)
+        return jax.ffi.ffi_call(POOL_BWD, out)(cot, rois, features, **bwd_attrs)
 
     @custom_vmap
     def backward(cot, rois, features):
@@ -205,9 +224,11 @@ def _masked_rois(rois, level, l):
 
 
 @functools.lru_cache(maxsize=None)
-def _align_op(output_size, scales, sampling_ratio, aligned, reduction, quantize):
+def _align_op(output_size, scales, sampling_ratio, aligned, reduction, quantize, deterministic=False):
     """The differentiable ``f(rois, level, features_tuple) -> [K, oh, ow, C]``."""
     forward, backward = _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quantize)
+    _, backward_cuda = _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quantize,
+                                    bool(deterministic))
 
     def xla_forward(rois, level, features):
         out = None
@@ -218,7 +239,7 @@ def _align_op(output_size, scales, sampling_ratio, aligned, reduction, quantize)
         return out
 
     def primal(rois, level, features):
-        return lax.platform_dependent(rois, level, features, cpu=forward, default=xla_forward)
+        return lax.platform_dependent(rois, level, features, default=xla_forward, **_branches(forward, forward))
 
     @jax.custom_vjp
     def op(rois, level, features):
@@ -235,15 +256,18 @@ def _align_op(output_size, scales, sampling_ratio, aligned, reduction, quantize)
         if isinstance(g, SymbolicZero):
             return None, None, tuple(jnp.zeros_like(f) for f in features)
 
-        def kernel(g, rois, level, features):
-            d_rois, d_feats = backward[want_rois](g, rois, level, features)
-            return d_rois, tuple(d.astype(f.dtype) for d, f in zip(d_feats, features))
+        def kernel_with(calls):
+            def kernel(g, rois, level, features):
+                d_rois, d_feats = calls[want_rois](g, rois, level, features)
+                return d_rois, tuple(d.astype(f.dtype) for d, f in zip(d_feats, features))
+            return kernel
 
         def fallback(g, rois, level, features):
             _, vjp = jax.vjp(lambda r, fs: xla_forward(r, level, fs), rois, features)
             return vjp(g)
 
-        d_rois, d_feats = lax.platform_dependent(g, rois, level, features, cpu=kernel, default=fallback)
+        d_rois, d_feats = lax.platform_dependent(g, rois, level, features, default=fallback,
+                                                 **_branches(kernel_with(backward), kernel_with(backward_cuda)))
         return (d_rois if want_rois else None), None, d_feats
 
     op.defvjp(op_fwd, op_bwd, symbolic_zeros=True)
@@ -251,14 +275,15 @@ def _align_op(output_size, scales, sampling_ratio, aligned, reduction, quantize)
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_op(output_size, spatial_scale, binning):
+def _pool_op(output_size, spatial_scale, binning, deterministic=False):
     forward, backward = _pool_calls(output_size, spatial_scale, binning)
+    _, backward_cuda = _pool_calls(output_size, spatial_scale, binning, bool(deterministic))
 
     def xla_forward(rois, features):
         return _xla.roi_pool(features, rois, output_size, spatial_scale=spatial_scale, binning=binning)
 
     def primal(rois, features):
-        return lax.platform_dependent(rois, features, cpu=forward, default=xla_forward)
+        return lax.platform_dependent(rois, features, default=xla_forward, **_branches(forward, forward))
 
     @jax.custom_vjp
     def op(rois, features):
@@ -270,14 +295,17 @@ def _pool_op(output_size, spatial_scale, binning):
     def op_bwd(res, g):
         rois, features = res
 
-        def kernel(g, rois, features):
-            return backward(g, rois, features).astype(features.dtype)
+        def kernel_with(call):
+            def kernel(g, rois, features):
+                return call(g, rois, features).astype(features.dtype)
+            return kernel
 
         def fallback(g, rois, features):
             _, vjp = jax.vjp(lambda fs: xla_forward(rois, fs), features)
             return vjp(g)[0]
 
-        d = lax.platform_dependent(g, rois, features, cpu=kernel, default=fallback)
+        d = lax.platform_dependent(g, rois, features, default=fallback,
+                                   **_branches(kernel_with(backward), kernel_with(backward_cuda)))
         return None, d
 
     op.defvjp(op_fwd, op_bwd)
@@ -293,27 +321,30 @@ def _coords(rois, features):
 
 
 def roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
-              reduction="avg", quantize=False):
+              reduction="avg", quantize=False, deterministic=False):
     """Canonical-form RoIAlign (``quantize=True``: RoIWarp) on the kernels: ``features
-    [B, H, W, C]``, ``rois [K, 5]`` -> ``[K, oh, ow, C]``, as ``jax_roi.xla.roi_align``."""
+    [B, H, W, C]``, ``rois [K, 5]`` -> ``[K, oh, ow, C]``, as ``jax_roi.xla.roi_align``.
+
+    ``deterministic``: on CUDA, a bitwise-reproducible feature gradient (a gather instead
+    of atomics; slower). Ignored on CPU, whose kernels are deterministic."""
     _ensure_loaded()
     features = jnp.asarray(features)
     rois = _coords(rois, features)
     quantize = bool(quantize)
     aligned = bool(aligned) and not quantize
     op = _align_op(tuple(int(v) for v in output_size), (float(spatial_scale),), int(sampling_ratio), aligned,
-                   reduction, quantize)
+                   reduction, quantize, bool(deterministic))
     level = jnp.zeros((rois.shape[0],), jnp.int32)
     return op(rois, level, (features,))
 
 
 def multilevel_roi_align(levels, rois, level_ids, output_size, *, spatial_scales, sampling_ratio=-1,
-                         aligned=True):
+                         aligned=True, deterministic=False):
     """Average RoIAlign of roi ``k`` on ``levels[level_ids[k]]`` (FPN), in ONE call.
 
     ``levels``: sequence of ``[B, H_l, W_l, C]`` (one dtype, B and C); ``rois [K, 5]``;
     ``level_ids [K]`` int (outside ``[0, L)``: a zero row); ``spatial_scales``: one per
-    level. Returns ``[K, oh, ow, C]``.
+    level. Returns ``[K, oh, ow, C]``. ``deterministic``: as :func:`roi_align`.
     """
     _ensure_loaded()
     levels = tuple(jnp.asarray(f) for f in levels)
@@ -323,14 +354,15 @@ def multilevel_roi_align(levels, rois, level_ids, output_size, *, spatial_scales
         raise ValueError(f"spatial_scales: expected one scale per level ({len(levels)}), got {len(spatial_scales)}")
     rois = _coords(rois, levels[0])
     op = _align_op(tuple(int(v) for v in output_size), tuple(float(s) for s in spatial_scales),
-                   int(sampling_ratio), bool(aligned), "avg", False)
+                   int(sampling_ratio), bool(aligned), "avg", False, bool(deterministic))
     return op(rois, jnp.asarray(level_ids).astype(jnp.int32), levels)
 
 
-def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe"):
-    """Canonical-form RoIPool on the kernels, as ``jax_roi.xla.roi_pool``."""
+def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe", deterministic=False):
+    """Canonical-form RoIPool on the kernels, as ``jax_roi.xla.roi_pool``. ``deterministic``:
+    as :func:`roi_align`."""
     _ensure_loaded()
     features = jnp.asarray(features)
     rois = _coords(rois, features)
-    op = _pool_op(tuple(int(v) for v in output_size), float(spatial_scale), binning)
+    op = _pool_op(tuple(int(v) for v in output_size), float(spatial_scale), binning, bool(deterministic))
     return op(rois, features)
