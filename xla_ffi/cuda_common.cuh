@@ -240,7 +240,7 @@ __device__ __forceinline__ AlignRoi<T> resolve_align(const Levels& lv, const Ali
 // (bin, sample) up to rounding, so the first and last samples bound them; when the box is
 // so large that rounding could exceed a cell (|coordinates| > 2^20), the whole axis.
 template <typename T>
-__device__ __forceinline__ bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo,
+ROI_HD inline bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo,
                                                int* hi) {
   if (count <= 0 || size <= 0) return false;
   const T p0 = sample_position(g, 0, 0);
