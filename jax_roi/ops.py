@@ -18,7 +18,14 @@ from jax_roi import ffi as _ffi
 from jax_roi import xla as _xla
 
 
-def _implementation(implementation: Any):
+def _implementation(implementation: Any, deterministic: Any = False):
+    """The implementation module, and the extra keyword arguments it takes."""
+    impl = _implementation_module(implementation)
+    deterministic = _inputs.static_bool("deterministic", deterministic)
+    return impl, ({"deterministic": deterministic} if impl is not _xla else {})
+
+
+def _implementation_module(implementation: Any):
     _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
     built = _ffi.platforms()
     if implementation == "ffi":
@@ -36,7 +43,7 @@ def _implementation(implementation: Any):
 
 
 def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
-              reduction="avg", data_format="NHWC", implementation=None):
+              reduction="avg", data_format="NHWC", implementation=None, deterministic=False):
     r"""RoIAlign (Mask R-CNN): bilinear samples on a regular grid in each bin, averaged or maxed.
 
     For a box ``(x1, y1, x2, y2)`` in image pixels and ``off = 0.5 if aligned else 0``, the
@@ -61,6 +68,10 @@ def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio
       reduction: ``"avg"`` or ``"max"`` over a bin's samples.
       data_format: ``"NHWC"`` (Flax) or ``"NCHW"`` (torchvision).
       implementation: ``None`` (fastest built), ``"xla"`` or ``"ffi"``.
+      deterministic: bitwise-reproducible feature gradients on the CUDA kernels (a gather
+        backward instead of atomics, slower). The CPU kernels and the pure-JAX path on CPU
+        are deterministic anyway; for the pure-JAX path on GPU use XLA's
+        ``--xla_gpu_deterministic_ops``.
 
     Returns:
       ``[K, oh, ow, C]`` for rois, ``[..., R, oh, ow, C]`` for per-image boxes
@@ -68,11 +79,12 @@ def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio
     """
     return _bilinear(features, boxes, output_size, spatial_scale=spatial_scale,
                      sampling_ratio=sampling_ratio, aligned=aligned, reduction=reduction,
-                     data_format=data_format, implementation=implementation, quantize=False)
+                     data_format=data_format, implementation=implementation, quantize=False,
+                     deterministic=deterministic)
 
 
 def roi_warp(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, reduction="avg",
-             data_format="NHWC", implementation=None):
+             data_format="NHWC", implementation=None, deterministic=False):
     """RoIWarp (MNC): the box is snapped to the feature grid (``round(x*s)``, half away from
     zero), then sampled bilinearly as legacy RoIAlign (``aligned=False``).
 
@@ -80,25 +92,26 @@ def roi_warp(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=
     """
     return _bilinear(features, boxes, output_size, spatial_scale=spatial_scale,
                      sampling_ratio=sampling_ratio, aligned=False, reduction=reduction,
-                     data_format=data_format, implementation=implementation, quantize=True)
+                     data_format=data_format, implementation=implementation, quantize=True,
+                     deterministic=deterministic)
 
 
 def _bilinear(features, boxes, output_size, *, spatial_scale, sampling_ratio, aligned, reduction,
-              data_format, implementation, quantize):
+              data_format, implementation, quantize, deterministic):
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
     sampling_ratio = _inputs.static_int("sampling_ratio", sampling_ratio)
     aligned = _inputs.static_bool("aligned", aligned)
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
-    impl = _implementation(implementation)
+    impl, extra = _implementation(implementation, deterministic)
     canon = _inputs.canonicalize(features, boxes, data_format)
     return canon.apply(functools.partial(
         impl.roi_align, output_size=size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-        aligned=aligned, reduction=reduction, quantize=quantize))
+        aligned=aligned, reduction=reduction, quantize=quantize, **extra))
 
 
 def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe", data_format="NHWC",
-             implementation=None):
+             implementation=None, deterministic=False):
     """RoIPool (Fast R-CNN): the box is quantized to whole cells and each bin takes the max.
 
     ``binning="caffe"`` (torchvision, the Caffe layer): ``sx = round(x1*s)``, ``rw =
@@ -112,14 +125,15 @@ def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe"
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
     _inputs.check_choice("binning", binning, _inputs.BINNINGS)
-    impl = _implementation(implementation)
+    impl, extra = _implementation(implementation, deterministic)
     canon = _inputs.canonicalize(features, boxes, data_format)
     return canon.apply(functools.partial(impl.roi_pool, output_size=size, spatial_scale=spatial_scale,
-                                         binning=binning))
+                                         binning=binning, **extra))
 
 
 def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampling_ratio=-1, aligned=True,
-                         canonical_scale=224, canonical_level=4, data_format="NHWC", implementation=None):
+                         canonical_scale=224, canonical_level=4, data_format="NHWC", implementation=None,
+                         deterministic=False):
     """Multi-level (FPN) RoIAlign: each box is average-pooled on one level, chosen by its size.
 
     The level is :func:`jax_roi.fpn_levels` (torchvision's ``MultiScaleRoIAlign`` rule); the
@@ -132,7 +146,7 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
       boxes: ``[B, R, 4]`` per image or ``[K, 5]`` rois, in image pixels.
       output_size: ``int`` or ``(oh, ow)``.
       spatial_scales: one power of two per level, e.g. ``[1/4, 1/8, 1/16, 1/32]``.
-      sampling_ratio, aligned, data_format, implementation: as :func:`roi_align`
+      sampling_ratio, aligned, data_format, implementation, deterministic: as :func:`roi_align`
         (torchvision's module uses ``aligned=False``).
       canonical_scale, canonical_level: ``s0`` and ``k0`` of the level rule.
 
@@ -150,7 +164,7 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
     aligned = _inputs.static_bool("aligned", aligned)
     canonical_scale = _inputs.static_float("canonical_scale", canonical_scale)
     canonical_level = _inputs.static_int("canonical_level", canonical_level)
-    impl = _implementation(implementation)
+    impl, extra = _implementation(implementation, deterministic)
     levels, canon = _inputs.canonicalize_levels(features, boxes, data_format)
     if len(levels) != len(spatial_scales):
         raise ValueError(f"spatial_scales: expected one scale per level ({len(levels)} levels), "
@@ -167,6 +181,6 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
             rois = rois.at[:, 0].set(jnp.where(level_ids >= 0, rois[:, 0], -1))
         return impl.multilevel_roi_align(levels, rois, jnp.maximum(level_ids, 0), size,
                                          spatial_scales=spatial_scales, sampling_ratio=sampling_ratio,
-                                         aligned=aligned)
+                                         aligned=aligned, **extra)
 
     return canon.apply(pool, levels)

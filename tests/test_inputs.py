@@ -43,6 +43,7 @@ CASES = [
      ("spatial_scale:", "static", "Array")),
     (lambda: jax_roi.roi_align(F, ROIS, 2, sampling_ratio=1.5), TypeError, ("sampling_ratio:", "int", "1.5")),
     (lambda: jax_roi.roi_align(F, ROIS, 2, aligned="yes"), TypeError, ("aligned:", "a bool", "'yes'")),
+    (lambda: jax_roi.roi_pool(F, ROIS, 2, deterministic=1), TypeError, ("deterministic:", "a bool", "int 1")),
     (lambda: jax_roi.multiscale_roi_align(F, BOXES, 2, spatial_scales=[0.25]), TypeError,
      ("features:", "list or tuple of feature levels", "ArrayImpl")),
     (lambda: jax_roi.multiscale_roi_align([F, F[:, :4, :4]], BOXES, 2, spatial_scales=[0.25]), ValueError,
