@@ -47,6 +47,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jax_roi import xla as _xla
 from jax_roi.ffi import _loader
+from jax_roi.ffi.partition import image_partitioned
 
 ALIGN_FWD = "jax_roi_roi_align_fwd"
 ALIGN_BWD = "jax_roi_roi_align_bwd"
@@ -126,6 +127,12 @@ def _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quanti
     @forward.def_vmap
     def _forward_rule(n, in_batched, rois, level, features):
         rois_b, level_b, feats_b = in_batched
+        if all(feats_b) and rois_b:  # per image: one call, partitioned along the images
+            def per_image(rois, level, *features):
+                num_images = features[0].shape[-4]
+                out = forward(_offset_rois(rois, num_images), _fold(level), tuple(_fold(f) for f in features))
+                return _unfold(out, rois.shape[0])
+            return image_partitioned(per_image, rois, _bcast(level, level_b, n), *features), True
         if any(feats_b):
             num_images = features[0].shape[-4]
             feats = tuple(_fold(_bcast(f, b, n)) for f, b in zip(features, feats_b))
@@ -146,6 +153,15 @@ def _align_calls(output_size, scales, sampling_ratio, aligned, reduction, quanti
         def _backward_rule(n, in_batched, cot, rois, level, features):
             cot_b, rois_b, level_b, feats_b = in_batched
             num_images = features[0].shape[-4]
+            if all(feats_b) and rois_b:  # per image: one call, partitioned along the images
+                def per_image(cot, rois, level, *features):
+                    m = rois.shape[0]
+                    d_rois, d_feats = _align_bwd_call(_fold(cot), _offset_rois(rois, num_images), _fold(level),
+                                                      tuple(_fold(f) for f in features), bwd_attrs, rois_grad,
+                                                      m * num_images)
+                    return _unfold(d_rois, m), tuple(_unfold(d, m) for d in d_feats)
+                out = image_partitioned(per_image, _bcast(cot, cot_b, n), rois, _bcast(level, level_b, n), *features)
+                return out, (True, tuple(True for _ in features))
             if any(feats_b):
                 feats = tuple(_fold(_bcast(f, b, n)) for f, b in zip(features, feats_b))
             else:  # shared maps: d_features get n*B images, roi b reading image b % B
@@ -186,6 +202,10 @@ def _pool_calls(output_size, spatial_scale, binning, deterministic=None):
     @forward.def_vmap
     def _forward_rule(n, in_batched, rois, features):
         rois_b, feats_b = in_batched
+        if feats_b and rois_b:  # per image: one call, partitioned along the images
+            def per_image(rois, features):
+                return _unfold(forward(_offset_rois(rois, features.shape[-4]), _fold(features)), rois.shape[0])
+            return image_partitioned(per_image, rois, features), True
         if feats_b:
             rois_f = _offset_rois(_bcast(rois, rois_b, n), features.shape[-4])
             feats = _fold(features)
@@ -206,6 +226,12 @@ def _pool_calls(output_size, spatial_scale, binning, deterministic=None):
     def _backward_rule(n, in_batched, cot, rois, features):
         cot_b, rois_b, feats_b = in_batched
         num_images = features.shape[-4]
+        if feats_b and rois_b:  # per image: one call, partitioned along the images
+            def per_image(cot, rois, features):
+                m = rois.shape[0]
+                return _unfold(bwd_call(_fold(cot), _offset_rois(rois, num_images), _fold(features),
+                                        m * num_images), m)
+            return image_partitioned(per_image, _bcast(cot, cot_b, n), rois, features), True
         feats = _fold(features) if feats_b else features
         rois_f = _offset_rois(_bcast(rois, rois_b, n), num_images)
         d = bwd_call(_fold(_bcast(cot, cot_b, n)), rois_f, feats, n * num_images)
