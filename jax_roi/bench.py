@@ -216,8 +216,8 @@ def run(workloads, ops, paths, repeats, json_path, timeout=900):
         for op in ops:
             if op == "multiscale_roi_align" and name != "fpn":
                 continue
-            if op != "multiscale_roi_align" and name == "fpn":
-                continue
+            if op == "roi_pool" and name == "fpn":
+                continue  # roi_align on fpn is the single-level yardstick: finest level, same K
             for path in paths:
                 res = _child(name, op, path, repeats, timeout)
                 res.update(workload=name, op=op, path=path)
@@ -263,6 +263,11 @@ def _print_ratios(rows):
                 continue
             lines.append(f"{wl:<18} {op:<21} {path:<5} vs {peer:<12} fwd {p['fwd_ms'] / r['fwd_ms']:6.2f}x"
                          f"  fwd+bwd {p['fwd_bwd_ms'] / r['fwd_bwd_ms']:6.2f}x")
+    for (wl, op, path), r in sorted(by.items()):
+        single = by.get((wl, "roi_align", path))
+        if op == "multiscale_roi_align" and single is not None:
+            lines.append(f"{wl:<18} multiscale vs roi_align on one level (same K), {path:<5}: "
+                         f"fwd {r['fwd_ms'] / single['fwd_ms']:5.2f}x  fwd+bwd {r['fwd_bwd_ms'] / single['fwd_bwd_ms']:5.2f}x the time")
     if lines:
         print("speed-up (peer time / path time, same run):")
         print("\n".join(lines))
