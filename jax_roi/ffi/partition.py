@@ -11,6 +11,7 @@ same function on its local images.
 from __future__ import annotations
 
 import jax
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -53,4 +54,16 @@ def image_partitioned(fn, *args):
 
     call.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                        need_replication_factors=others)
-    return call(*args)
+
+    # custom_partitioning has no batching rule: under a further vmap, map ``fn`` itself
+    # (whose custom calls fold the new axis in again) instead of the partitioned call.
+    @custom_vmap
+    def batchable(*xs):
+        return call(*xs)
+
+    @batchable.def_vmap
+    def _rule(axis_size, in_batched, *xs):
+        out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched), axis_size=axis_size)(*xs)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return batchable(*args)
