@@ -55,14 +55,16 @@ inline int BinCells(const PoolBins& bins, int64_t ph, int64_t pw, int64_t W, int
 }
 
 template <typename S>
-void PoolForwardRange(const PoolConfig& cfg, const typename AccOf<S>::type* rois, S* out, int64_t k0, int64_t k1) {
+void PoolForwardRange(const PoolConfig& cfg, const typename AccOf<S>::type* rois, S* out, const int64_t* order,
+                      int64_t k0, int64_t k1) {
   using A = typename AccOf<S>::type;
   const int64_t oh = cfg.oh, ow = cfg.ow, C = cfg.channels;
   const int64_t H = cfg.level.height, W = cfg.level.width;
   const int64_t row = oh * ow * C;
   PoolBins bins;
   std::vector<int64_t> off;
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t i = k0; i < k1; ++i) {
+    const int64_t k = order[i];
     S* out_k = out + k * row;
     const A* roi = rois + 5 * k;
     const int64_t b = (H > 0 && W > 0) ? roi_batch_index(roi, cfg.level.batch) : -1;
@@ -165,7 +167,17 @@ ffi::Error RoiPoolForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer rois, ffi::An
     const A* r = static_cast<const A*>(rois.untyped_data());
     S* o = static_cast<S*>(out->untyped_data());
     const int64_t chunks = std::min<int64_t>(K, PoolThreads(pool) * 16);
-    ParallelFor(pool, chunks, [&](int64_t c) { PoolForwardRange<S>(cfg, r, o, K * c / chunks, K * (c + 1) / chunks); });
+    const int64_t H = cfg.level.height, W = cfg.level.width;
+    const double sc = cfg.level.scale;
+    const std::vector<int64_t> order = LocalityOrder(K, [&](int64_t k) {
+      const A* roi = r + 5 * k;
+      const int64_t b = (H > 0 && W > 0) ? roi_batch_index(roi, cfg.level.batch) : int64_t{-1};
+      return std::make_tuple(b, 0.5 * sc * static_cast<double>(roi[2] + roi[4]),
+                             0.5 * sc * static_cast<double>(roi[1] + roi[3]));
+    });
+    ParallelFor(pool, chunks, [&](int64_t c) {
+      PoolForwardRange<S>(cfg, r, o, order.data(), K * c / chunks, K * (c + 1) / chunks);
+    });
   });
   return ffi::Error::Success();
 }
@@ -205,8 +217,12 @@ ffi::Error RoiPoolBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::An
     A* df = static_cast<A*>(d_features->untyped_data());
     const int64_t H = cfg.level.height, W = cfg.level.width;
     ImageBuckets buckets;
-    buckets.Build(K, out_batch, [&](int64_t k) {
-      return (H > 0 && W > 0) ? roi_batch_index(r + 5 * k, out_batch) : int64_t{-1};
+    const double sc = cfg.level.scale;
+    buckets.Build(K, out_batch, 1, [&](int64_t k) {
+      const A* roi = r + 5 * k;
+      const int64_t b = (H > 0 && W > 0) ? roi_batch_index(roi, out_batch) : int64_t{-1};
+      return std::make_tuple(b, int64_t{0}, 0.5 * sc * static_cast<double>(roi[2] + roi[4]),
+                             0.5 * sc * static_cast<double>(roi[1] + roi[3]));
     });
     const BackwardSplit split(C, out_batch, PoolThreads(pool));
     ParallelFor(pool, out_batch * split.blocks, [&](int64_t item) {
