@@ -376,7 +376,7 @@ def _raw_align(rois, level, feats, out_shape, out_dtype, **attrs):
 
 @pytest.mark.parametrize("case", [
     "rois_dtype", "rois_shape", "level_dtype", "level_len", "out_channels", "out_dtype", "mixed_levels",
-    "scales_count", "reduction", "feature_rank", "feature_dtype",
+    "scales_count", "reduction", "feature_rank", "feature_dtype", "sampling_ratio",
 ])
 def test_raw_target_rejects_bad_arguments(case):
     """Mismatched dtypes or shapes at the custom-call level give InvalidArgument errors with
@@ -409,6 +409,8 @@ def test_raw_target_rejects_bad_arguments(case):
         args["feats"] = [jnp.zeros((5, 6, 3), jnp.float32)]
     elif case == "feature_dtype":
         args["feats"] = [jnp.zeros((2, 5, 6, 3), jnp.int32)]
+    elif case == "sampling_ratio":
+        attrs["sampling_ratio"] = np.int64(1 << 40)
     with pytest.raises(Exception, match="jax_roi roi_align forward"):
         jax.block_until_ready(_raw_align(args["rois"], args["level"], args["feats"], args["out_shape"],
                                          args["out_dtype"], **attrs))

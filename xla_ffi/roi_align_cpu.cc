@@ -21,6 +21,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMaxLevels = 32;
+constexpr int64_t kMaxSamplingRatio = 1024;
 
 struct AlignConfig {
   int64_t oh = 1, ow = 1, channels = 0;
@@ -382,6 +383,11 @@ ffi::Error DecodeAlign(const char* op, const ffi::AnyBuffer& rois, const ffi::An
   if (scales.size() != L) {
     return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" + std::to_string(L) +
                    "), got " + std::to_string(scales.size()));
+  }
+  if (sampling_ratio > kMaxSamplingRatio) {
+    // Per-bin tap buffers grow with its square; torchvision-scale values are far below.
+    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
+                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
   }
   if (reduction != 0 && reduction != 1) {
     return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));
