@@ -9,6 +9,7 @@ compile time is reported apart. Ratios are against peers measured in the same ru
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -62,6 +63,15 @@ def _median_ms(fn, repeats):
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` starts afresh at exec; ``ru_maxrss``
+    would carry over the parent's peak from the fork."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -165,11 +175,9 @@ def available_paths():
     paths = ["xla"]
     if jax.default_backend() in ffi.platforms():
         paths.append("ffi")
-    try:
-        import torchvision  # noqa: F401
+    # Found, not imported: the parent stays small (children measure their own memory).
+    if importlib.util.find_spec("torchvision") is not None:
         paths.append("torchvision")
-    except Exception:  # torchvision absent or unloadable: not a peer in this run
-        pass
     return paths
 
 
