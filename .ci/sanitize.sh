@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build/sanitize
-pkg=$build/pkg
+pkg="$PWD/$build/pkg"  # absolute: the check below runs from another folder
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DJAX_ROI_SANITIZE=ON -DJAX_ROI_CUDA=OFF \
   -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$build" -j 2 >/dev/null
