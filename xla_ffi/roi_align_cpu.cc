@@ -518,7 +518,6 @@ ffi::Error RoiAlignBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::A
                      DtypeName(ctype) + ", got " + DtypeName(d.element_type()));
     }
     dptr[l] = d.untyped_data();
-    AdviseHugePages(d.untyped_data(), d.size_bytes());
   }
   if (cfg.num_levels > 0 && cfg.levels[0].batch == 0) {
     // No images: nothing to read; every roi is dead.

@@ -209,7 +209,6 @@ ffi::Error RoiPoolBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::An
                    std::to_string(C) + "], got " + DtypeName(d_features->element_type()) + " " + ShapeString(dd));
   }
   if (C == 0) return ffi::Error::Success();
-  AdviseHugePages(d_features->untyped_data(), d_features->size_bytes());
   DispatchFloat(dtype, [&](auto tag) {
     using S = decltype(tag);
     using A = typename AccOf<S>::type;
