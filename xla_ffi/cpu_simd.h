@@ -79,11 +79,7 @@ struct Lanes {
 
 template <typename V, typename A>
 JAX_ROI_INLINE V splat(A a) {
-  // Lane 0, shuffled to every lane: a single broadcast instruction where there is one.
-  using M = typename Vec<typename std::conditional<sizeof(A) == 4, int32_t, int64_t>::type, sizeof(V)>::type;
-  V v{};
-  v[0] = a;
-  return __builtin_shuffle(v, M{});
+  return a - V{};  // a broadcast (x - 0 == x exactly, so the subtraction folds away)
 }
 
 // Reads sizeof(V)/sizeof(lane) elements of storage type S as a vector V of the accumulation
