@@ -6,12 +6,15 @@ all lead with the image axis, and whose rois only read their own image, can run 
 shard's images alone. :func:`image_partitioned` says so with ``custom_partitioning``: the
 image axis keeps its sharding, every other axis is replicated, and each shard runs the
 same function on its local images.
+
+It is used inside the kernel primitives' lowering (``primitives``), below every
+transformation: ``custom_partitioning`` has no batching or differentiation rule, and
+needs none there.
 """
 
 from __future__ import annotations
 
 import jax
-from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -55,15 +58,4 @@ def image_partitioned(fn, *args):
     call.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                        need_replication_factors=others)
 
-    # custom_partitioning has no batching rule: under a further vmap, map ``fn`` itself
-    # (whose custom calls fold the new axis in again) instead of the partitioned call.
-    @custom_vmap
-    def batchable(*xs):
-        return call(*xs)
-
-    @batchable.def_vmap
-    def _rule(axis_size, in_batched, *xs):
-        out = jax.vmap(fn, in_axes=tuple(0 if b else None for b in in_batched), axis_size=axis_size)(*xs)
-        return out, jax.tree_util.tree_map(lambda _: True, out)
-
-    return batchable(*args)
+    return call(*args)

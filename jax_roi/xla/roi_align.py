@@ -34,7 +34,7 @@ class Maps(NamedTuple):
 
     ``base``, ``height``, ``width`` and ``scale`` are ``[K]``: the first row of the box's
     image on its map, that map's size and spatial scale. ``bound_h``/``bound_w`` are the
-    static largest map sizes (they bound the adaptive sample count).
+    static largest map sizes (they size the adaptive sample window).
     """
 
     flat: jnp.ndarray
@@ -85,9 +85,9 @@ def _axes(maps: Maps, rois, output_size, sampling_ratio, aligned, quantize, norm
     common = dict(live=maps.live, spatial_scale=maps.scale, sampling_ratio=sampling_ratio,
                   aligned=aligned, quantize=quantize, normalize=normalize)
     taps_y = sampling.axis_taps(rois[:, 2], rois[:, 4], bins=oh, size=maps.height,
-                                bound=sampling.sample_bound(sampling_ratio, maps.bound_h, oh), **common)
+                                bound=sampling.window_size(sampling_ratio, maps.bound_h), **common)
     taps_x = sampling.axis_taps(rois[:, 1], rois[:, 3], bins=ow, size=maps.width,
-                                bound=sampling.sample_bound(sampling_ratio, maps.bound_w, ow), **common)
+                                bound=sampling.window_size(sampling_ratio, maps.bound_w), **common)
     return taps_y, taps_x
 
 
@@ -126,8 +126,11 @@ def _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize):
     if static:
         n_rows = n_cols = jnp.int32(0)  # unused: every tap pair is visited
     else:
-        rows, w_rows, counts_y = sampling.merge_taps(rows, w_rows, live_rows)
-        cols, w_cols, counts_x = sampling.merge_taps(cols, w_cols, live_cols)
+        merge = sampling.merge_taps if sampling_ratio > 0 else sampling.merge_contiguous
+        extra_y = () if sampling_ratio > 0 else (maps.bound_h,)
+        extra_x = () if sampling_ratio > 0 else (maps.bound_w,)
+        rows, w_rows, counts_y = merge(rows, w_rows, live_rows, *extra_y)
+        cols, w_cols, counts_x = merge(cols, w_cols, live_cols, *extra_x)
         n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
     return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols,
                                 w_cols, n_rows, n_cols, static)

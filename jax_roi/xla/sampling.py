@@ -59,8 +59,9 @@ def exact_divide(numerator, denominator):
     ``a * (1/c)``, which is off by an ulp (``7/3`` gives 2.3333335, not 2.3333333, and
     ``ceil(3 * bin)`` becomes 8 instead of 7). A divisor that depends on the numerator
     (``numerator * 0 + c``, which IEEE arithmetic does not let XLA fold) keeps the true
-    division, under ``vmap`` too."""
-    return numerator / _unfused(numerator * 0 + denominator)
+    division, under ``vmap`` too. The dependence is a device only, so it carries no
+    derivative (an overflowed numerator would otherwise turn it into ``inf * 0``)."""
+    return numerator / _unfused(lax.stop_gradient(numerator) * 0 + denominator)
 
 
 def live_boxes(rois, num_images):
@@ -72,13 +73,16 @@ def live_boxes(rois, num_images):
     return jnp.where(live, batch, 0), live
 
 
-def adaptive_cap(size: int, bins: int) -> int:
-    """The cap on the adaptive sample count, ``ceil(size / bins)`` (SEMANTICS.md)."""
-    return max(1, -(-size // bins))
+def window_size(sampling_ratio: int, size: int) -> int:
+    """Static number of samples visited per bin side.
 
-
-def sample_bound(sampling_ratio: int, size: int, bins: int) -> int:
-    return sampling_ratio if sampling_ratio > 0 else adaptive_cap(size, bins)
+    A fixed ``sampling_ratio`` visits all its samples. In adaptive mode the count
+    ``ceil(bin)`` has no cap (torchvision's rule), so a box far larger than the map has
+    any number of samples, but only those with ``-1 <= pos <= size`` contribute; when there
+    are more than ``2*size + 6`` samples their spacing ``bin / ceil(bin)`` is at least 0.5,
+    so a window of that many consecutive samples holds every contributing one (with a
+    sample of margin at each end for the rounding of the window's start)."""
+    return sampling_ratio if sampling_ratio > 0 else 2 * size + 6
 
 
 def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampling_ratio: int,
@@ -87,7 +91,7 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
 
     ``size`` and ``spatial_scale`` are scalars, or ``[K]`` arrays when the boxes sit on
     maps of different sizes (the levels of a feature pyramid); ``bound`` is the static
-    bound of the per-bin sample count (:func:`sample_bound` over those maps).
+    number of samples visited per bin (:func:`window_size` of the largest map).
 
     ``live`` ([K] bool) is False for a box that must give zeros and no gradient (a
     non-finite coordinate or a batch index outside the batch); its coordinates are
@@ -95,9 +99,12 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
     ``normalize`` folds the average's ``1 / g`` into the weights.
     """
     dtype = c1.dtype
+    scale = jnp.asarray(spatial_scale, dtype)
+    # A box whose length overflows (finite ends 6e38 apart in float32) has no finite
+    # sample: like a non-finite box it gives zeros, and its coordinates are zeroed first.
+    live = live & jnp.isfinite(lax.stop_gradient(c2 * scale - c1 * scale))
     c1 = jnp.where(live, c1, 0)
     c2 = jnp.where(live, c2, 0)
-    scale = jnp.asarray(spatial_scale, dtype)
     c1s, c2s = _unfused(c1 * scale), _unfused(c2 * scale)
     if quantize:  # RoIWarp: the box is snapped to the feature grid, then sampled as legacy RoIAlign.
         start, end = round_half_away(c1s), round_half_away(c2s)
@@ -111,21 +118,36 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
 
     size = jnp.broadcast_to(jnp.asarray(size, jnp.int32), c1.shape)
     if sampling_ratio > 0:
-        count = jnp.full(c1.shape, sampling_ratio, jnp.int32)
+        count_f = jnp.full(c1.shape, sampling_ratio, dtype)
     else:
-        # ceil in float, capped before the cast so that an absurd box cannot overflow.
-        count = jnp.minimum(jnp.ceil(bin_size), (size + bins - 1) // bins)
-        count = jnp.where(jnp.isfinite(count), count, 0).astype(jnp.int32)
-    count = jnp.where(live, count, 0)
-    count_f = jnp.maximum(count, 1).astype(dtype)
+        # ceil(bin) samples, kept in the coordinate dtype: for an absurd box it exceeds
+        # every integer range, and it is only ever a divisor and a bound.
+        count_f = lax.stop_gradient(jnp.ceil(bin_size))
+        count_f = jnp.where(jnp.isfinite(count_f) & (count_f > 0), count_f, 0)
+    count_f = jnp.where(live, count_f, 0)
+    divisor = jnp.maximum(count_f, 1)
 
-    p = jnp.arange(bins, dtype=dtype)[None, :, None]
-    i = jnp.arange(bound, dtype=dtype)[None, None, :]
+    p = jnp.arange(bins, dtype=dtype)[None, :]
+    corner = start[:, None] + _unfused(p * bin_size[:, None])  # [K, bins]: where each bin begins
+    if sampling_ratio > 0:
+        first = jnp.zeros_like(corner)
+    else:
+        # More samples than the window: start it one sample before the first that can
+        # reach -1 (positions grow by bin / count per sample).
+        wide = (count_f > bound)[:, None]
+        step = lax.stop_gradient(jnp.where(wide[:, 0], bin_size, 1) / jnp.where(wide[:, 0], divisor, 1))
+        guess = jnp.floor(lax.stop_gradient((-1 - corner) / step[:, None] - 0.5)) - 1
+        first = jnp.where(wide, jnp.clip(guess, 0, (count_f - bound)[:, None]), 0)
+        first = jnp.where(jnp.isfinite(first), first, 0)
+    i = first[:, :, None] + jnp.arange(bound, dtype=dtype)[None, None, :]  # [K, bins, bound]
     # Same association as torchvision: (start + p*bin) + ((i + 0.5) * bin) / g.
-    pos = (start[:, None, None] + _unfused(p * bin_size[:, None, None])) + exact_divide(
-        (i + 0.5) * bin_size[:, None, None], count_f[:, None, None])
+    offset = (i + 0.5) * bin_size[:, None, None]
+    # An absurd box overflows the offset; such a sample is off the map (the kernels' inf
+    # fails the range test too), and the double-where keeps inf out of the gradient.
+    finite = jnp.isfinite(offset)
+    pos = corner[:, :, None] + exact_divide(jnp.where(finite, offset, 0), divisor[:, None, None])
     size = size[:, None, None]
-    valid = (jnp.arange(bound)[None, None, :] < count[:, None, None]) & (pos >= -1) & (pos <= size)
+    valid = finite & (i < count_f[:, None, None]) & (pos >= -1) & (pos <= size)
     pos = jnp.where(valid, pos, 0)  # the double-where: no inf/NaN in dead branches
 
     pos = jnp.where(pos <= 0, jnp.zeros_like(pos), pos)
@@ -139,7 +161,8 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
     w_lo = 1 - frac
     scale_w = valid.astype(dtype)
     if normalize:
-        scale_w = scale_w / count_f[:, None, None]
+        scale_w = scale_w / divisor[:, None, None]
+    count = jnp.minimum(count_f, bound).astype(jnp.int32)  # samples visited per bin
     return AxisTaps(lo, hi, w_lo * scale_w, w_hi * scale_w, valid, count, bound)
 
 
@@ -172,3 +195,24 @@ def merge_taps(rows, weights, live_tap):
     merged_r = jnp.sum(jnp.where(onehot & first[..., :, None], rows[..., :, None], 0), axis=-2)
     counts = jnp.sum(first, axis=-1).astype(jnp.int32)
     return merged_r.astype(jnp.int32), merged_w, counts
+
+
+def merge_contiguous(rows, weights, live_tap, size: int):
+    """:func:`merge_taps` for taps whose rows are contiguous: adaptive sampling, whose
+    samples lie at most one pixel apart, so a bin touches the rows ``r0, r0 + 1, ...`` up
+    to its last. A scatter-add of each tap into its slot ``row - r0`` replaces the pairwise
+    comparison (linear, not quadratic, in the window). ``size`` bounds the slots.
+    Returns ``(rows, weights, counts)`` as :func:`merge_taps`."""
+    big = jnp.iinfo(jnp.int32).max
+    r0 = jnp.min(jnp.where(live_tap, rows, big), axis=-1, keepdims=True)
+    r0 = jnp.where(r0 == big, 0, r0)
+    slot = jnp.where(live_tap, rows - r0, size)  # dead taps land in a dropped slot
+    k, bins, _ = rows.shape
+    kk = jnp.arange(k)[:, None, None]
+    pp = jnp.arange(bins)[None, :, None]
+    merged_w = jnp.zeros((k, bins, size), weights.dtype).at[kk, pp, slot].add(
+        jnp.where(live_tap, weights, 0), mode="drop")
+    counts = jnp.max(jnp.where(live_tap, slot + 1, 0), axis=-1).astype(jnp.int32)
+    merged_r = r0 + jnp.arange(size, dtype=jnp.int32)
+    merged_r = jnp.where(jnp.arange(size) < counts[..., None], merged_r, 0)
+    return merged_r, merged_w, counts
