@@ -241,3 +241,5 @@ from jax._src import dispatch as _dispatch  # noqa: E402
 
 for _p in (forward_p, backward_p, tangent_p):
     _p.def_impl(functools.partial(_dispatch.apply_primitive, _p))
+    # The grouped form lowers through custom_partitioning, which needs the devices.
+    _dispatch.prim_requires_devices_during_lowering.add(_p)
