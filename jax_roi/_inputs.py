@@ -23,6 +23,12 @@ BINNINGS = ("caffe", "floor")
 IMPLEMENTATIONS = (None, "xla", "ffi")
 FEATURE_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
+# Limits, the same numbers the kernels' handlers check (xla_ffi's limits header): a fixed
+# sampling_ratio sizes per-bin buffers and loops with its square; the multi-level kernels
+# hold a fixed-size table of levels.
+MAX_SAMPLING_RATIO = 1024
+MAX_LEVELS = 32
+
 
 def _fail(cls: type, arg: str, expected: str, given: Any) -> None:
     raise cls(f"{arg}: expected {expected}, got {given}")
@@ -66,6 +72,34 @@ def static_int(arg: str, value: Any) -> int:
     return int(value)
 
 
+def sampling_ratio(value: Any) -> int:
+    """``sampling_ratio``: samples per bin side, ``<= 0`` for adaptive, at most
+    :data:`MAX_SAMPLING_RATIO`."""
+    value = static_int("sampling_ratio", value)
+    if value > MAX_SAMPLING_RATIO:
+        _fail(ValueError, "sampling_ratio", f"at most {MAX_SAMPLING_RATIO} (or <= 0 for adaptive)", repr(value))
+    return value
+
+
+def spatial_scales(value: Any) -> list[float]:
+    """``spatial_scales`` of the multi-level op: one positive float per level, each a power
+    of two and half the previous one (FPN levels ``2**-k``), at most :data:`MAX_LEVELS`."""
+    if not isinstance(value, (list, tuple)):
+        _fail(TypeError, "spatial_scales", "a list or tuple of floats, one per level", type(value).__name__)
+    if not 1 <= len(value) <= MAX_LEVELS:
+        _fail(ValueError, "spatial_scales", f"between 1 and {MAX_LEVELS} levels", f"{len(value)}")
+    scales = [static_float(f"spatial_scales[{i}]", s) for i, s in enumerate(value)]
+    ks = []
+    for i, s in enumerate(scales):
+        k = -math.log2(s)
+        if abs(k - round(k)) > 1e-6:
+            _fail(ValueError, f"spatial_scales[{i}]", "a power of two (2**-k)", repr(s))
+        ks.append(int(round(k)))
+    if any(b != a + 1 for a, b in zip(ks, ks[1:])):
+        _fail(ValueError, "spatial_scales", "consecutive levels, each half the previous scale", repr(list(value)))
+    return scales
+
+
 def static_bool(arg: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         _fail(TypeError, arg, "a bool", f"{type(value).__name__} {value!r}")
@@ -73,7 +107,7 @@ def static_bool(arg: str, value: Any) -> bool:
 
 
 def coordinate_dtype(feature_dtype: Any) -> Any:
-    """Box arithmetic runs in float32, or float64 for float64 features (SEMANTICS.md)."""
+    """Box arithmetic runs in float32, or float64 for float64 features (docs/semantics.md)."""
     return jnp.float64 if jnp.dtype(feature_dtype) == jnp.float64 else jnp.float32
 
 
@@ -132,7 +166,7 @@ class Canonical:
 def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
     """Brings features to NHWC ``[B, H, W, C]`` and boxes to rois ``[K, 5]``.
 
-    Box forms (SEMANTICS.md, "Inputs"): ``rois [K, 5]`` with ``features [B, H, W, C]``, or
+    Box forms (docs/semantics.md, "Inputs"): ``rois [K, 5]`` with ``features [B, H, W, C]``, or
     per-image ``boxes [..., R, 4]`` with ``features [..., H, W, C]`` (same leading axes).
     """
     check_choice("data_format", data_format, DATA_FORMATS)
@@ -178,6 +212,8 @@ def canonicalize_levels(levels: Any, boxes: Any, data_format: str):
     if not isinstance(levels, (list, tuple)) or len(levels) == 0:
         _fail(TypeError, "features", "a non-empty list or tuple of feature levels",
               f"{type(levels).__name__}")
+    if len(levels) > MAX_LEVELS:
+        _fail(ValueError, "features", f"at most {MAX_LEVELS} levels", f"{len(levels)} levels")
     first = canonicalize(levels[0], boxes, data_format)
     out = [first.features]
     for i, level in enumerate(levels[1:], start=1):

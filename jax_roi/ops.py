@@ -1,14 +1,15 @@
 """The public ops: check the arguments, bring them to canonical form, dispatch.
 
-Every implementation computes what ``SEMANTICS.md`` says; ``implementation`` only picks
-how: ``"xla"`` is the pure-JAX reference path (every platform, autodiff), ``"ffi"`` the
-compiled kernels, ``None`` the fastest one built for the default platform.
+Every implementation computes the same thing (``docs/semantics.md``); ``implementation``
+only picks how, through the table ``_IMPLEMENTATIONS``: ``"xla"`` is the pure-JAX
+reference path (every platform), ``"ffi"`` the compiled kernels, ``None`` the kernels where
+they are built for the default platform and pure JAX elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,28 +19,41 @@ from jax_roi import ffi as _ffi
 from jax_roi import xla as _xla
 
 
-def _implementation(implementation: Any, deterministic: Any = False):
-    """The implementation module, and the extra keyword arguments it takes."""
-    impl = _implementation_module(implementation)
-    deterministic = _inputs.static_bool("deterministic", deterministic)
-    return impl, ({"deterministic": deterministic} if impl is not _xla else {})
+def _kernels():
+    from jax_roi.ffi import ops as ffi_ops  # loads the extension on first use
+    return ffi_ops
+
+
+# implementation -> (the canonical-form module, whether it takes `deterministic`)
+_IMPLEMENTATIONS: dict[str, tuple[Callable[[], Any], bool]] = {
+    "xla": (lambda: _xla, False),
+    "ffi": (_kernels, True),
+}
+
+
+def _implementation_name(implementation: Any) -> str:
+    """``None`` -> the kernels where built for the default platform, else pure JAX."""
+    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
+    built = _ffi.platforms()
+    if implementation == "ffi" and not built:
+        raise RuntimeError(
+            "implementation: expected a built implementation; 'ffi' needs the compiled "
+            "extension jax_roi._ext, which is not built (reinstall with `pip install .`), "
+            f"got 'ffi' ({_ffi.load_error()}). Use implementation='xla' or None.")
+    if implementation is None:
+        return "ffi" if jax.default_backend() in built else "xla"
+    return implementation
 
 
 def _implementation_module(implementation: Any):
-    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
-    built = _ffi.platforms()
-    if implementation == "ffi":
-        if not built:
-            raise RuntimeError(
-                "implementation: expected a built implementation; 'ffi' needs the compiled "
-                "extension jax_roi._ext, which is not built (reinstall with `pip install .`), "
-                "got 'ffi'. Use implementation='xla' or None.")
-        from jax_roi.ffi import ops as ffi_ops
-        return ffi_ops
-    if implementation is None and jax.default_backend() in built:
-        from jax_roi.ffi import ops as ffi_ops
-        return ffi_ops
-    return _xla
+    return _IMPLEMENTATIONS[_implementation_name(implementation)][0]()
+
+
+def _implementation(implementation: Any, deterministic: Any = False):
+    """The implementation module, and the extra keyword arguments it takes."""
+    deterministic = _inputs.static_bool("deterministic", deterministic)
+    load, takes_deterministic = _IMPLEMENTATIONS[_implementation_name(implementation)]
+    return load(), ({"deterministic": deterministic} if takes_deterministic else {})
 
 
 def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
@@ -53,7 +67,8 @@ def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio
     .. math:: y = y_1 s - \mathrm{off} + p_h \tfrac{r_h}{o_h} + (i_y + \tfrac12)\tfrac{r_h}{o_h g_y}
 
     each read bilinearly (zero outside ``[-1, H]``), with ``g = sampling_ratio`` or, when
-    ``sampling_ratio <= 0``, ``ceil(r/o)`` capped at ``ceil(H/oh)``.
+    ``sampling_ratio <= 0``, ``ceil(r/o)`` (no cap, as torchvision; only the samples that
+    can land on the map are visited, so any box costs bounded time).
 
     Args:
       features: ``[B, H, W, C]`` (``data_format="NHWC"``) or ``[B, C, H, W]``; with per-image
@@ -63,7 +78,7 @@ def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio
         box gives zeros and no gradient.
       output_size: ``int`` or ``(oh, ow)``.
       spatial_scale: feature pixels per image pixel (1/stride).
-      sampling_ratio: samples per bin side; ``<= 0`` is adaptive.
+      sampling_ratio: samples per bin side (at most 1024); ``<= 0`` is adaptive.
       aligned: the half-pixel offset of Detectron2 (True) or the original Mask R-CNN (False).
       reduction: ``"avg"`` or ``"max"`` over a bin's samples.
       data_format: ``"NHWC"`` (Flax) or ``"NCHW"`` (torchvision).
@@ -100,8 +115,8 @@ def _bilinear(features, boxes, output_size, *, spatial_scale, sampling_ratio, al
               data_format, implementation, quantize, deterministic):
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
-    sampling_ratio = _inputs.static_int("sampling_ratio", sampling_ratio)
-    aligned = _inputs.static_bool("aligned", aligned)
+    sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
+    aligned = _inputs.static_bool("aligned", aligned) and not quantize
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
     impl, extra = _implementation(implementation, deterministic)
     canon = _inputs.canonicalize(features, boxes, data_format)
@@ -156,11 +171,8 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
     from jax_roi.pyramid import fpn_levels
 
     size = _inputs.output_size_pair(output_size)
-    if not isinstance(spatial_scales, (list, tuple)):
-        raise TypeError(f"spatial_scales: expected a list or tuple of floats, one per level, "
-                        f"got {type(spatial_scales).__name__}")
-    spatial_scales = [_inputs.static_float(f"spatial_scales[{i}]", s) for i, s in enumerate(spatial_scales)]
-    sampling_ratio = _inputs.static_int("sampling_ratio", sampling_ratio)
+    spatial_scales = _inputs.spatial_scales(spatial_scales)
+    sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
     aligned = _inputs.static_bool("aligned", aligned)
     canonical_scale = _inputs.static_float("canonical_scale", canonical_scale)
     canonical_level = _inputs.static_int("canonical_level", canonical_level)

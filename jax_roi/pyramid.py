@@ -21,18 +21,8 @@ from jax_roi import _inputs
 
 
 def level_range(spatial_scales: Sequence[float]) -> tuple[int, int]:
-    """``(k_min, k_max)`` from the first and last level's scale (each a power of two)."""
-    ks = []
-    for i, s in enumerate(spatial_scales):
-        k = -math.log2(s)
-        if abs(k - round(k)) > 1e-6:
-            raise ValueError(f"spatial_scales[{i}]: expected a power of two (2**-k), got {s!r}")
-        ks.append(int(round(k)))
-    for i in range(1, len(ks)):
-        if ks[i] != ks[i - 1] + 1:
-            raise ValueError(
-                f"spatial_scales: expected consecutive levels, each half the previous scale, got {list(spatial_scales)!r}")
-    return ks[0], ks[-1]
+    """``(k_min, k_max)`` of already-checked scales (``_inputs.spatial_scales``)."""
+    return int(round(-math.log2(spatial_scales[0]))), int(round(-math.log2(spatial_scales[-1])))
 
 
 def fpn_levels(boxes, spatial_scales: Sequence[float], *, canonical_scale: float = 224.0,
@@ -47,7 +37,7 @@ def fpn_levels(boxes, spatial_scales: Sequence[float], *, canonical_scale: float
       int32 ``[...]`` in ``[0, len(spatial_scales))``; ``-1`` for a box whose area is not a
       finite non-negative number (it is pooled to zeros).
     """
-    spatial_scales = [_inputs.static_float(f"spatial_scales[{i}]", s) for i, s in enumerate(spatial_scales)]
+    spatial_scales = _inputs.spatial_scales(spatial_scales)
     k_min, k_max = level_range(spatial_scales)
     boxes = jnp.asarray(boxes)
     if not jnp.issubdtype(boxes.dtype, jnp.floating):

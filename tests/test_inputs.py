@@ -84,3 +84,20 @@ def test_ffi_request_without_extension(monkeypatch):
         jax_roi.roi_align(F, ROIS, 2, implementation="ffi")
     out = jax_roi.roi_align(np.ones((1, 4, 4, 1), np.float32), np.array([[0, 0, 0, 3, 3]], np.float32), 1)
     assert float(out[0, 0, 0, 0]) == 1.0
+
+
+def test_limits_are_checked_at_trace_time():
+    """The limits the kernels' handlers enforce are checked first, with the argument named."""
+    from jax_roi import _inputs
+
+    feats, rois = jnp.zeros((1, 4, 4, 2)), jnp.asarray([[0, 0, 0, 2, 2.0]])
+    for impl in ("xla", None):
+        with pytest.raises(ValueError, match=r"sampling_ratio: expected at most 1024 .* got 1025"):
+            jax_roi.roi_align(feats, rois, 2, sampling_ratio=1025, implementation=impl)
+    assert jax_roi.roi_align(feats, rois, 1, sampling_ratio=_inputs.MAX_SAMPLING_RATIO,
+                             implementation="xla").shape == (1, 1, 1, 2)
+    levels = [jnp.zeros((1, 2, 2, 2))] * (_inputs.MAX_LEVELS + 1)
+    with pytest.raises(ValueError, match=r"spatial_scales: expected between 1 and 32 levels, got 33"):
+        jax_roi.multiscale_roi_align(levels, rois, 2, spatial_scales=[2.0 ** -k for k in range(33)])
+    with pytest.raises(ValueError, match=r"features: expected at most 32 levels, got 33 levels"):
+        jax_roi.multiscale_roi_align(levels, rois, 2, spatial_scales=[2.0 ** -k for k in range(32)])

@@ -4,7 +4,7 @@ Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A search over the
 of each bin (no gradient; loops run to the largest bin actually present, so the cost
 follows the boxes) finds the first maximal cell in row-major order; that cell is then
 read again differentiably, so autodiff routes the gradient to it alone. Box coordinates
-only pass through rounding, so boxes get no gradient (SEMANTICS.md).
+only pass through rounding, so boxes get no gradient (docs/semantics.md).
 """
 
 from __future__ import annotations
