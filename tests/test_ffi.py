@@ -5,6 +5,9 @@ counts that exercise the vector loops and their tails; the raw targets' argument
 Transformations (vmap folding, HLO, jit/checkpoint/scan) are in test_ffi_transforms.py.
 """
 
+import functools
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,6 +280,45 @@ def test_absurd_and_nonfinite_boxes(opts):
     np.testing.assert_array_equal(np.asarray(d_r)[3:9], 0)
 
 
+EDGE_BOXES = np.array([
+    [0, -1e30, -1e30, 1e30, 1e30], [1, -1e30, 3, 1e30, 20], [0, 2, -1e30, 30, 1e30],
+    [0, -3e38, -3e38, 3e38, 3e38], [1, 3e38, 3e38, 3.4e38, 3.4e38], [0, -3.4e38, 1, 3.4e38, 9],
+    [1, 1e30, 1e30, -1e30, -1e30], [0, -1e30, -1e30, -1e30 + 1e24, -1e30 + 1e24],
+    [0, np.nan, 1, 5, 5], [1, 1, 1, np.inf, 5], [0, -np.inf, 1, 5, 5], [1, 1, -np.inf, 5, np.inf],
+    [0, -4e3, -3e3, 4e3, 3e3], [1, -2e6, 1, 2e6, 25],
+], np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["avg", "max"])
+@pytest.mark.parametrize("sampling_ratio", [0, -1, 2])
+def test_edge_boxes_bounded_time_finite(sampling_ratio, reduction, dtype):
+    """1e30, 3e38, -1e30, NaN and inf boxes, adaptive and fixed: the kernels visit at most
+    2*size + 6 samples per bin side whatever the box, so forward and backward return quickly
+    (under 1 s once compiled) with finite outputs and finite feature and box gradients."""
+    feats = jnp.asarray(np.random.default_rng(51).standard_normal((2, 40, 56, 16)), dtype)
+    rois = jnp.asarray(EDGE_BOXES.astype(np.float64 if dtype == np.float64 else np.float32))
+    kw = dict(spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=True, reduction=reduction)
+    fwd = jax.jit(lambda f, r: F.roi_align(f, r, (7, 7), **kw))
+    bwd = jax.jit(jax.grad(lambda f, r: jnp.sum(F.roi_align(f, r, (7, 7), **kw) ** 2), argnums=(0, 1)))
+    jax.block_until_ready((fwd(feats, rois), bwd(feats, rois)))  # compile
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fwd(feats, rois))
+    d_f, d_r = jax.block_until_ready(bwd(feats, rois))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, elapsed
+    for a in (out, d_f, d_r):
+        assert np.all(np.isfinite(np.asarray(a)))
+    np.testing.assert_array_equal(np.asarray(out)[8:12], 0)  # non-finite boxes: zero rows
+    np.testing.assert_array_equal(np.asarray(d_r)[8:12], 0)
+    if reduction == "avg" and sampling_ratio <= 0:  # the in-range sum over counts of ~1e30 squared
+        assert np.abs(np.asarray(out)[:3]).max() < 1e-20
+    if dtype == np.float64 and sampling_ratio == 0 and reduction == "avg":  # (the oracle is slow)
+        # boxes 100x to 1e5x the map: still the oracle's numbers
+        ref = R.roi_align_ref(np.asarray(feats), np.asarray(rois)[12:], (7, 7), **kw)
+        np.testing.assert_allclose(np.asarray(out)[12:], ref, atol=1e-12, rtol=1e-9)
+
+
 def test_empty_inputs():
     feats = jnp.zeros((2, 5, 6, 3), jnp.float32)
     rois = jnp.zeros((0, 5), jnp.float32)
@@ -411,8 +453,6 @@ def test_torchvision_golden_align_and_pool(golden_data):
     feats = jnp.asarray(g["align_features_nhwc"])
     rois = jnp.asarray(g["align_rois"])
     for tag, (scale, sr, aligned, oh, ow) in zip(g["align_tags"], g["align_params"]):
-        if sr <= 0:
-            continue  # adaptive: torchvision has no cap; test_roi_align excludes the rows it changes
         ok = ~g[f"{tag}_tvfail"]
         out = F.roi_align(feats, rois, (int(oh), int(ow)), spatial_scale=float(scale), sampling_ratio=int(sr),
                           aligned=bool(aligned))
@@ -428,6 +468,29 @@ def test_torchvision_golden_align_and_pool(golden_data):
         cot = jnp.asarray(g[f"{tag}_cot_nhwc"])
         d = jax.grad(lambda f: jnp.sum(F.roi_pool(f, rois, (int(oh), int(ow)), spatial_scale=float(scale)) * cot))(feats)
         np.testing.assert_allclose(d, g[f"{tag}_dfeat_nhwc"], atol=1e-5)
+
+
+def test_torchvision_golden_large_boxes(golden_data):
+    """Boxes 2x to 4x the map in adaptive mode (counts far above ceil(size / bins), beyond
+    the sample window at 1x1): torchvision's numbers, forward and feature gradient, in
+    float32, NHWC and NCHW."""
+    g = golden_data
+    rois = jnp.asarray(g["alignlarge_rois"])
+    for tag, (scale, sr, aligned, oh, ow) in zip(g["alignlarge_tags"], g["alignlarge_params"]):
+        kw = dict(spatial_scale=float(scale), sampling_ratio=int(sr), aligned=bool(aligned))
+        size = (int(oh), int(ow))
+        for layout, f in (("nhwc", F.roi_align), ("nchw", functools.partial(jax_roi.roi_align, data_format="NCHW",
+                                                                             implementation="ffi"))):
+            feats = jnp.asarray(g[f"alignlarge_features_{layout}"])
+            want = g[f"{tag}_out_{layout}"]
+            out = f(feats, rois, size, **kw)
+            np.testing.assert_allclose(out, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=1e-5,
+                                       err_msg=f"{tag} {layout}")
+            cot = jnp.asarray(g[f"{tag}_cot_{layout}"])
+            d = jax.grad(lambda x: jnp.sum(f(x, rois, size, **kw) * cot))(feats)
+            want_d = g[f"{tag}_dfeat_{layout}"]
+            np.testing.assert_allclose(d, want_d, atol=1e-5 * max(1.0, float(np.abs(want_d).max())), rtol=1e-5,
+                                       err_msg=f"{tag} {layout}")
 
 
 # ----------------------------------------------------------------------------- raw targets
@@ -481,6 +544,23 @@ def test_raw_target_rejects_bad_arguments(case):
     with pytest.raises(Exception, match="jax_roi roi_align forward"):
         jax.block_until_ready(_raw_align(args["rois"], args["level"], args["feats"], args["out_shape"],
                                          args["out_dtype"], **attrs))
+
+
+def test_raw_target_limits_name_the_attribute():
+    """sampling_ratio above 1024 and more than 32 levels are rejected with the attribute, the
+    bound and the value given (jax_roi._ext.limits); the bounds themselves are accepted."""
+    f = jnp.zeros((1, 4, 4, 2), jnp.float32)
+    rois = jnp.asarray([[0, 0, 0, 2, 2]], jnp.float32)
+    level = jnp.zeros((1,), jnp.int32)
+    out = _raw_align(rois, level, [f], (1, 1, 1, 2), jnp.float32, sampling_ratio=np.int64(1024))
+    assert np.all(np.isfinite(np.asarray(out)))
+    with pytest.raises(Exception, match=r"sampling_ratio: expected at most 1024 .*got 1025"):
+        jax.block_until_ready(_raw_align(rois, level, [f], (1, 1, 1, 2), jnp.float32, sampling_ratio=np.int64(1025)))
+    jax.block_until_ready(_raw_align(rois, level, [f] * 32, (1, 1, 1, 2), jnp.float32,
+                                     spatial_scales=np.ones(32)))
+    with pytest.raises(Exception, match=r"expected at most 32 feature levels, got 33"):
+        jax.block_until_ready(_raw_align(rois, level, [f] * 33, (1, 1, 1, 2), jnp.float32,
+                                         spatial_scales=np.ones(33)))
 
 
 def test_raw_pool_and_backward_targets_reject_bad_arguments():
