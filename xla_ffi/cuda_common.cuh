@@ -18,6 +18,7 @@
 #include <sstream>
 #include <string>
 
+#include "roi_limits.h"
 #include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -170,10 +171,8 @@ __device__ __forceinline__ int block_compact(bool flag, int* warp_sums, int* pos
 }
 
 // ---------------------------------------------------------------------------------------
-// Feature levels, passed to the kernels by value.
+// Feature levels, passed to the kernels by value (at most kMaxLevels, roi_limits.h).
 // ---------------------------------------------------------------------------------------
-constexpr int kMaxLevels = 32;
-
 struct Levels {
   int num;
   int64_t batch;      // images in the features (B)
@@ -200,7 +199,7 @@ struct AlignRoi {
   int64_t b;        // image index (against the images it was resolved for)
   int64_t H, W;
   AxisGeom<T> gy, gx;
-  int cy, cx;       // samples per bin along y and x (> 0 when live)
+  int cy, cx;       // samples visited per bin along y and x (> 0 when live)
   T ny, nx;         // per-axis normalisation: 1/count for an average, 1 for a maximum
 };
 
@@ -238,13 +237,19 @@ __device__ __forceinline__ AlignRoi<T> resolve_align(const Levels& lv, const Ali
 // Rows (or columns) [*lo, *hi] that the taps of any sample of this axis can touch, with a
 // margin of one cell for rounding; false when none can. Sample positions are monotone in
 // (bin, sample) up to rounding, so the first and last samples bound them; when the box is
-// so large that rounding could exceed a cell (|coordinates| > 2^20), the whole axis.
+// so large that rounding could exceed a cell (|coordinates| > 2^20), or the bins visit a
+// window of their samples (a box over twice the map), the whole axis.
 template <typename T>
 ROI_HD inline bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo,
                                                int* hi) {
   if (count <= 0 || size <= 0) return false;
-  const T p0 = sample_position(g, 0, 0);
-  const T p1 = sample_position(g, bins - 1, count - 1);
+  if (g.windowed) {
+    *lo = 0;
+    *hi = static_cast<int>(size - 1);
+    return true;
+  }
+  const T p0 = sample_position(g, 0, T(0), 0);
+  const T p1 = sample_position(g, bins - 1, T(0), count - 1);
   T a = p0 < p1 ? p0 : p1;
   T b = p0 < p1 ? p1 : p0;
   const T big = T(1048576);
@@ -437,6 +442,11 @@ inline ffi::Error DecodeAlign(const char* op, const ffi::AnyBuffer& rois, const 
   if (scales.size() != L) {
     return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" + std::to_string(L) +
                    "), got " + std::to_string(scales.size()));
+  }
+  if (sampling_ratio > kMaxSamplingRatio) {
+    // Each thread visits sampling_ratio^2 samples per bin: an unbounded value stalls the GPU.
+    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
+                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
   }
   if (reduction != 0 && reduction != 1) {
     return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu_targets.h"
+#include "roi_limits.h"
 
 #ifdef JAX_ROI_WITH_CUDA
 // The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/*_cuda.cu).
@@ -59,6 +60,15 @@ PYBIND11_MODULE(_ext, m) {
   m.def("cuda_targets", []() { return py::dict(); });
   m.attr("has_cuda") = false;
 #endif
+  // The attribute limits every handler checks (roi_limits.h), so that Python's own checks
+  // can be tested against them.
+  {
+    py::dict limits;
+    limits["max_sampling_ratio"] = jax_roi::kMaxSamplingRatio;
+    limits["max_levels"] = jax_roi::kMaxLevels;
+    limits["max_deterministic_rois"] = jax_roi::kMaxDeterministicRois;
+    m.attr("limits") = limits;
+  }
   // Bumped whenever a target's operands or attributes change; the Python side checks it.
   m.attr("abi_version") = 1;
 }
