@@ -120,17 +120,18 @@ def sample_maps(maps: Maps, rois, output_size, *, sampling_ratio, aligned, reduc
 
 def _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize):
     taps_y, taps_x = _axes(maps, rois, output_size, sampling_ratio, aligned, quantize, normalize=True)
-    rows, w_rows, live_rows = sampling.interleave(taps_y)
-    cols, w_cols, live_cols = sampling.interleave(taps_x)
-    static = rows.shape[-1] * cols.shape[-1] <= _MAX_UNROLLED_PAIRS and sampling_ratio > 0
+    static = (2 * taps_y.bound) * (2 * taps_x.bound) <= _MAX_UNROLLED_PAIRS and sampling_ratio > 0
     if static:
+        rows, w_rows, _ = sampling.interleave(taps_y)
+        cols, w_cols, _ = sampling.interleave(taps_x)
         n_rows = n_cols = jnp.int32(0)  # unused: every tap pair is visited
+    elif sampling_ratio > 0:
+        rows, w_rows, counts_y = sampling.merge_taps(*sampling.interleave(taps_y))
+        cols, w_cols, counts_x = sampling.merge_taps(*sampling.interleave(taps_x))
+        n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
     else:
-        merge = sampling.merge_taps if sampling_ratio > 0 else sampling.merge_contiguous
-        extra_y = () if sampling_ratio > 0 else (maps.bound_h,)
-        extra_x = () if sampling_ratio > 0 else (maps.bound_w,)
-        rows, w_rows, counts_y = merge(rows, w_rows, live_rows, *extra_y)
-        cols, w_cols, counts_x = merge(cols, w_cols, live_cols, *extra_x)
+        rows, w_rows, counts_y = sampling.merge_runs(taps_y)
+        cols, w_cols, counts_x = sampling.merge_runs(taps_x)
         n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
     return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols,
                                 w_cols, n_rows, n_cols, static)

@@ -197,22 +197,41 @@ def merge_taps(rows, weights, live_tap):
     return merged_r.astype(jnp.int32), merged_w, counts
 
 
-def merge_contiguous(rows, weights, live_tap, size: int):
-    """:func:`merge_taps` for taps whose rows are contiguous: adaptive sampling, whose
-    samples lie at most one pixel apart, so a bin touches the rows ``r0, r0 + 1, ...`` up
-    to its last. A scatter-add of each tap into its slot ``row - r0`` replaces the pairwise
-    comparison (linear, not quadratic, in the window). ``size`` bounds the slots.
-    Returns ``(rows, weights, counts)`` as :func:`merge_taps`."""
-    big = jnp.iinfo(jnp.int32).max
-    r0 = jnp.min(jnp.where(live_tap, rows, big), axis=-1, keepdims=True)
-    r0 = jnp.where(r0 == big, 0, r0)
-    slot = jnp.where(live_tap, rows - r0, size)  # dead taps land in a dropped slot
-    k, bins, _ = rows.shape
-    kk = jnp.arange(k)[:, None, None]
-    pp = jnp.arange(bins)[None, :, None]
-    merged_w = jnp.zeros((k, bins, size), weights.dtype).at[kk, pp, slot].add(
-        jnp.where(live_tap, weights, 0), mode="drop")
-    counts = jnp.max(jnp.where(live_tap, slot + 1, 0), axis=-1).astype(jnp.int32)
-    merged_r = r0 + jnp.arange(size, dtype=jnp.int32)
-    merged_r = jnp.where(jnp.arange(size) < counts[..., None], merged_r, 0)
-    return merged_r, merged_w, counts
+def merge_runs(taps: AxisTaps, run: int = 5):
+    """:func:`merge_taps` for adaptive sampling, without the pairwise comparison.
+
+    Adaptive samples are more than half a pixel apart (``bin / ceil(bin) > 0.5`` when a bin
+    has two or more), so along a bin's samples the row ``lo`` grows by 0 or 1 per sample,
+    and at most four consecutive samples share one (two in ``[-1, 0]`` that clamp to row 0
+    and two in ``(0, 1)``). Each distinct row gets one entry: the first sample with that
+    ``lo``, plus one after the last sample for its ``hi`` row; the entry sums the weights
+    of every tap on its row, all of which lie within ``run`` samples of it. That is a few
+    shifted elementwise passes over the ``[K, bins, G]`` tables, not a scatter or a sort.
+    Entries are in increasing row order with zero-weight gaps; ``counts`` is one past the
+    last live entry. Returns ``(rows, weights, counts)`` as :func:`merge_taps`.
+    """
+    # Materialised first: fused into the shifted reads below, XLA would recompute the taps
+    # once per shift (measured: 20x slower).
+    lo, hi, w_lo, w_hi, valid = lax.optimization_barrier((taps.lo, taps.hi, taps.w_lo, taps.w_hi, taps.valid))
+    width = ((0, 0), (0, 0), (run, run + 1))
+    LO, HI = jnp.pad(lo, width, constant_values=-2), jnp.pad(hi, width, constant_values=-2)
+    WLO, WHI = jnp.pad(w_lo, width), jnp.pad(w_hi, width)
+    V = jnp.pad(valid, width)
+    g = lo.shape[-1]
+
+    def at(a, d):  # a[e + d] for the entries e in [0, g]
+        return a[..., run + d:run + d + g + 1]
+
+    v, v_prev = at(V, 0), at(V, -1)
+    lo_e, lo_prev, hi_prev = at(LO, 0), at(LO, -1), at(HI, -1)
+    row = jnp.where(v, lo_e, hi_prev)
+    live = (v & (~v_prev | (lo_e != lo_prev))) | (~v & v_prev & (hi_prev != lo_prev))
+    weight = 0
+    for d in range(-run, run):
+        vd = at(V, d)
+        weight = weight + jnp.where(vd & (at(LO, d) == row), at(WLO, d), 0) + jnp.where(
+            vd & (at(HI, d) == row), at(WHI, d), 0)
+    weight = jnp.where(live, weight, 0)
+    rows = jnp.where(live, row, 0).astype(jnp.int32)
+    counts = jnp.max(jnp.where(live, jnp.arange(g + 1) + 1, 0), axis=-1).astype(jnp.int32)
+    return rows, weight, counts
