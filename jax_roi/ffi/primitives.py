@@ -117,7 +117,7 @@ def _kernels(platform):
 
 
 def _forward_call(platform, cfg, rois, level, *features):
-    use, device = _kernels(platform)
+    use, _ = _kernels(platform)
     if not use:
         return fallback.forward(cfg, rois, level, features)
     out = jax.ShapeDtypeStruct(_out_aval(rois, features, cfg).shape, features[0].dtype)
