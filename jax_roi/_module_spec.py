@@ -66,7 +66,7 @@ _DTYPE = _a("dtype", None, Any,
             "(``None``: kept as they are). Boxes are never cast.")
 
 _HEAD = """
-    x = {pool}(features, boxes)                                  # [B, R, 7, 7, C]
+    x = {pool}(features, boxes)   # [B, R, 7, 7, C]
     x = relu(Dense(1024)(x.reshape(x.shape[:-3] + (-1,))))
     scores, deltas = Dense(num_classes)(x), Dense(4 * num_classes)(x)"""
 

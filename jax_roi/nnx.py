@@ -63,7 +63,9 @@ def _make(spec: _spec.OpSpec) -> type:
     __call__.__qualname__ = f"{spec.cls_name}.__call__"
     namespace = dict(__init__=__init__, __call__=__call__, __module__=__name__, __qualname__=spec.cls_name,
                      __doc__=_spec.docstring(spec, "nnx"))
-    return type(spec.cls_name, (nnx.Module,), namespace)
+    cls = type(spec.cls_name, (nnx.Module,), namespace)
+    cls.__signature__ = signature.replace(parameters=params[1:])  # what help() and inspect show
+    return cls
 
 
 RoIAlign = _make(_spec.SPECS["RoIAlign"])
