@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from jax_roi.figures import DEFAULT_BOX, DEFAULT_MAP, draw_sampling_picture  # noqa: E402
+from jax_roi.tools.figures import DEFAULT_BOX, DEFAULT_MAP, draw_sampling_picture  # noqa: E402
 
 
 def main(argv=None) -> int:
