@@ -73,7 +73,7 @@ def static_bool(arg: str, value: Any) -> bool:
 
 
 def coordinate_dtype(feature_dtype: Any) -> Any:
-    """Box arithmetic runs in float32, or float64 for float64 features (SEMANTICS.md)."""
+    """Box arithmetic runs in float32, or float64 for float64 features (docs/semantics.md)."""
     return jnp.float64 if jnp.dtype(feature_dtype) == jnp.float64 else jnp.float32
 
 
@@ -132,7 +132,7 @@ class Canonical:
 def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
     """Brings features to NHWC ``[B, H, W, C]`` and boxes to rois ``[K, 5]``.
 
-    Box forms (SEMANTICS.md, "Inputs"): ``rois [K, 5]`` with ``features [B, H, W, C]``, or
+    Box forms (docs/semantics.md, "Inputs"): ``rois [K, 5]`` with ``features [B, H, W, C]``, or
     per-image ``boxes [..., R, 4]`` with ``features [..., H, W, C]`` (same leading axes).
     """
     check_choice("data_format", data_format, DATA_FORMATS)

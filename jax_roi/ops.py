@@ -1,6 +1,6 @@
 """The public ops: check the arguments, bring them to canonical form, dispatch.
 
-Every implementation computes what ``SEMANTICS.md`` says; ``implementation`` only picks
+Every implementation computes what ``docs/semantics.md`` says; ``implementation`` only picks
 how: ``"xla"`` is the pure-JAX reference path (every platform, autodiff), ``"ffi"`` the
 compiled kernels, ``None`` the fastest one built for the default platform.
 """

@@ -1,4 +1,4 @@
-"""Float64 NumPy oracle for the jax_roi ops, written as plain loops from SEMANTICS.md.
+"""Float64 NumPy oracle for the jax_roi ops, written as plain loops from docs/semantics.md.
 
 Clarity over speed: every box, bin and sample is visited by a Python loop; only the
 channel axis is vectorised.  Values, weights and gradients are float64 whatever the input
@@ -24,17 +24,17 @@ multiscale_roi_align_ref(levels, rois, output_size, spatial_scales, sampling_rat
                          adaptive_cap=True, coord_dtype=np.float64)
 round_half_away(v): C's std::round (halves away from zero), exact.
 align_sample_coords(...): test helper, the raw sample coordinates of each roi.
-POOL_EXAMPLE_MAP (alias RAMP_POOL_MAP): the seed document's 8x8 RoIPool map, [y, x].
+POOL_EXAMPLE_MAP (alias RAMP_POOL_MAP): the 8x8 map of the RoIPool worked example, [y, x].
 RAMP_MAP: the 5x5 ramp f[y, x] = 10*y + x of the roi_align worked example.
 
 Conventions the contract leaves open, fixed here
 ------------------------------------------------
-* ``adaptive_cap`` (default True, as SEMANTICS.md) caps only the *adaptive* count
+* ``adaptive_cap`` (default True, as docs/semantics.md) caps only the *adaptive* count
   (sampling_ratio <= 0) at ceil(H/oh) / ceil(W/ow); an explicit sampling_ratio > 0 is never
   capped (torchvision uses it as given, see the golden data).  ``adaptive_cap=False`` is
   torchvision 0.29 exactly (it has no cap); the two differ only on boxes larger than the map.
 * ``coord_dtype``: box/sample coordinates are float64 by default (the oracle);
-  ``np.float32`` reproduces the float32 coordinate path SEMANTICS.md prescribes for
+  ``np.float32`` reproduces the float32 coordinate path docs/semantics.md prescribes for
   float32 features (and torchvision's CPU kernel), which matters only for a sample within
   rounding of a validity/clamp boundary (e.g. x == W exactly in float32 but W + 4e-15 in
   float64).  Values and gradients are always accumulated in float64.
@@ -67,7 +67,7 @@ __all__ = [
     "multiscale_roi_align_ref",
 ]
 
-# The seed document's 8x8 RoIPool map; row index is y, column index is x.
+# The 8x8 map of the RoIPool worked example; row index is y, column index is x.
 POOL_EXAMPLE_MAP = np.array(
     [
         [0.88, 0.44, 0.14, 0.16, 0.37, 0.77, 0.96, 0.27],
@@ -82,7 +82,7 @@ POOL_EXAMPLE_MAP = np.array(
     dtype=np.float64,
 )
 POOL_EXAMPLE_MAP.setflags(write=False)
-RAMP_POOL_MAP = POOL_EXAMPLE_MAP  # alias (the brief used both names)
+RAMP_POOL_MAP = POOL_EXAMPLE_MAP  # alias (both names are in use)
 
 # The roi_align worked example's ramp map f[y, x] = 10*y + x (5x5).
 RAMP_MAP = (10.0 * np.arange(5)[:, None] + np.arange(5)[None, :]).astype(np.float64)
@@ -345,7 +345,7 @@ def roi_align_ref(features, rois, output_size, spatial_scale=1.0, sampling_ratio
     """RoIAlign (or RoIWarp with ``quantize=True``) -> [K, oh, ow, C] float64.
 
     ``coord_dtype=np.float32`` computes the box and sample coordinates in float32, as
-    SEMANTICS.md prescribes for float32 features (and torchvision does); it only matters
+    docs/semantics.md prescribes for float32 features (and torchvision does); it only matters
     where a sample sits within rounding of a validity / clamp boundary."""
     return _align_core(features, rois, output_size, None, spatial_scale, sampling_ratio,
                        aligned, reduction, quantize, adaptive_cap, coord_dtype)

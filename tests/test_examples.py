@@ -120,7 +120,7 @@ def test_sampling_picture(tmp_path, capsys):
     dict(spatial_scale=0.5, map_size=(6, 9)),
 ], ids=["default", "legacy", "adaptive", "floor", "scale"])
 def test_figure_geometry_matches_the_library(kw):
-    """The drawn geometry (formulas from SEMANTICS.md) is what the library computes, for boxes
+    """The drawn geometry (formulas from docs/semantics.md) is what the library computes, for boxes
     inside, crossing and leaving the map."""
     from jax_roi.tools import figures
 

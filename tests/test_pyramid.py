@@ -45,7 +45,7 @@ def _golden_levels(g, layout="nhwc"):
 
 
 def _msra_cap_bites(rois, levels_hw, level_idx, size, sampling_ratio, aligned, scales):
-    """Rows where SEMANTICS' adaptive cap changes the sample count (torchvision has no cap)."""
+    """Rows where the oracle's adaptive cap changes the sample count (torchvision has no cap)."""
     bites = np.zeros(rois.shape[0], bool)
     for k in range(rois.shape[0]):
         li = int(level_idx[k])
@@ -67,7 +67,7 @@ def _pyramid(rng, B=2, C=3, H=64, W=80, n_levels=4, dtype=np.float64):
 
 
 def _pyramid_rois(rng, B, H, W, count):
-    """Boxes of every size (log-uniform 2..8*max(H, W) px) plus SEMANTICS' edge cases."""
+    """Boxes of every size (log-uniform 2..8*max(H, W) px) plus the documented edge cases."""
     size = np.exp(rng.uniform(np.log(2), np.log(8 * max(H, W)), count))
     aspect = rng.uniform(0.5, 2.0, count)
     bw, bh = size * np.sqrt(aspect), size / np.sqrt(aspect)
@@ -132,7 +132,7 @@ def test_fpn_levels_rejects_bad_scales():
 
 def test_torchvision_golden(implementation, golden_data):
     """float32, atol 1e-5, torchvision's MultiScaleRoIAlign (aligned=False), sampling 2 and
-    adaptive, on every row where SEMANTICS' adaptive cap does not bite."""
+    adaptive, on every row where the oracle's adaptive cap does not bite."""
     g = golden_data
     levels = _golden_levels(g)
     scales = [float(s) for s in g["msra_scales"]]

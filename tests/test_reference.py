@@ -1,6 +1,6 @@
 """Tests of the float64 NumPy oracle (tests/reference.py).
 
-* the worked examples of SEMANTICS.md;
+* the worked examples of docs/semantics.md;
 * unit checks of the contract's corner rules (invalid rows, roi_warp rounding, the adaptive
   cap, max ties, out-of-range samples);
 * the oracle's analytic gradients against central differences of the oracle itself;
@@ -507,7 +507,7 @@ ALIGN_TAGS = _golden_tags("align") + _golden_tags("alignsmall")
 @pytest.mark.parametrize("tag", ALIGN_TAGS)
 def test_golden_roi_align(golden, tag):
     """Forward and feature gradient vs torchvision, uncapped (torchvision has no cap),
-    float32 box coordinates (SEMANTICS for float32 features, as torchvision)."""
+    float32 box coordinates (docs/semantics.md for float32 features, as torchvision)."""
     fam, kw, osz = _align_args(golden, tag)
     f = golden[f"{fam}_features_nhwc"]
     rois = golden[f"{fam}_rois"]
@@ -515,7 +515,7 @@ def test_golden_roi_align(golden, tag):
     gout = golden[f"{tag}_out_nhwc"]
     ref = roi_align_ref(f, rois, osz, adaptive_cap=False, coord_dtype=np.float32, **kw)
     np.testing.assert_allclose(ref[ok], gout[ok], rtol=0, atol=ATOL)
-    # rows torchvision's CPU kernel raises on (one axis inverted, adaptive): SEMANTICS: 0
+    # rows torchvision's CPU kernel raises on (one axis inverted, adaptive): documented as 0
     np.testing.assert_array_equal(ref[~ok], 0.0)
     df, _ = roi_align_ref_vjp(f, rois, osz, golden[f"{tag}_cot_nhwc"], adaptive_cap=False,
                               coord_dtype=np.float32, **kw)
@@ -566,7 +566,7 @@ def test_golden_roi_align_with_cap(golden, tag):
 
 
 def test_golden_cap_changes_some_rows(golden):
-    """Documents the one place the oracle (SEMANTICS) and torchvision differ: adaptive
+    """Documents the one place the oracle (docs/semantics.md) and torchvision differ: adaptive
     boxes larger than the map (torchvision has no cap)."""
     n = 0
     for tag in ALIGN_TAGS:

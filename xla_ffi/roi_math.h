@@ -1,7 +1,7 @@
 // Per-sample arithmetic of RoIAlign / RoIWarp / RoIPool, shared by every kernel.
 //
 // This header is the C++ twin of jax_roi/xla/sampling.py and jax_roi/xla/roi_pool.py and
-// follows SEMANTICS.md to the operation: same formulas, same association of the float
+// follows docs/semantics.md to the operation: same formulas, same association of the float
 // operations, same clamps. Every function is inline and marked ROI_HD so that a CUDA
 // translation unit can call it from device code; nothing here allocates or uses std::
 // containers. Compile with floating-point contraction off (-ffp-contract=off, nvcc
@@ -31,7 +31,7 @@ ROI_HD inline float roi_floor(float x) { return floorf(x); }
 ROI_HD inline double roi_floor(double x) { return floor(x); }
 ROI_HD inline float roi_ceil(float x) { return ceilf(x); }
 ROI_HD inline double roi_ceil(double x) { return ceil(x); }
-// std::round: half away from zero (jnp.round is half to even; SEMANTICS uses this one).
+// std::round: half away from zero (jnp.round is half to even; docs/semantics.md uses this one).
 ROI_HD inline float roi_round(float x) { return roundf(x); }
 ROI_HD inline double roi_round(double x) { return round(x); }
 
@@ -124,7 +124,7 @@ ROI_HD inline int64_t roi_batch_index(const T* roi, int64_t num_images) {
 // RoIAlign / RoIWarp: per-axis geometry
 // ---------------------------------------------------------------------------------------
 
-// The adaptive sample-count cap ceil(size / bins), at least 1 (SEMANTICS.md).
+// The adaptive sample-count cap ceil(size / bins), at least 1 (docs/semantics.md).
 ROI_HD inline int adaptive_cap(int64_t size, int64_t bins) {
   const int64_t c = (size + bins - 1) / bins;
   return static_cast<int>(c < 1 ? 1 : c);

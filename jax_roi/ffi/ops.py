@@ -4,7 +4,7 @@ Inputs are canonical (``features [B, H, W, C]``, ``rois [K, 5]`` in the coordina
 ``jax_roi.ops`` does the checking). Each op is
 
 * a ``jax.custom_vjp`` (the custom calls are not differentiable): features and rois
-  gradients for RoIAlign; no rois gradient for RoIWarp and RoIPool (SEMANTICS.md). The box
+  gradients for RoIAlign; no rois gradient for RoIWarp and RoIPool (docs/semantics.md). The box
   gradient is only computed when the rois are actually differentiated
   (``symbolic_zeros``);
 * around ``lax.platform_dependent``: ``cpu`` runs the CPU kernel, ``cuda`` the CUDA kernel

@@ -25,7 +25,7 @@ from jax import lax
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
-    """16-bit inputs accumulate in float32 (SEMANTICS.md); float64 stays float64."""
+    """16-bit inputs accumulate in float32 (docs/semantics.md); float64 stays float64."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 

@@ -4,7 +4,7 @@ Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A search over the
 of each bin (no gradient; loops run to the largest bin actually present, so the cost
 follows the boxes) finds the first maximal cell in row-major order; that cell is then
 read again differentiably, so autodiff routes the gradient to it alone. Box coordinates
-only pass through rounding, so boxes get no gradient (SEMANTICS.md).
+only pass through rounding, so boxes get no gradient (docs/semantics.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
         bin_size = exact_divide(jnp.maximum(e - s + 1, 1), bins)
         start = jnp.floor(p * bin_size[:, None]) + s[:, None]
         end = jnp.ceil((p + 1) * bin_size[:, None]) + s[:, None]
-    else:  # "floor": the seed document's rule, last bin takes the remainder
+    else:  # "floor": the worked example's rule, last bin takes the remainder
         s, e = jnp.floor(c1 * scale), jnp.floor(c2 * scale)
         step = jnp.floor(exact_divide(e - s, bins))[:, None]
         start = s[:, None] + p * step

@@ -9,7 +9,7 @@ and both its validity test (``-1 <= y <= H`` and ``-1 <= x <= W``) and the avera
 a box is computed on each axis alone, as ``[K, bins, G]`` tables (``G`` the static bound of
 the per-bin sample count), and the 2-D work is left to the contraction. Every function is
 plain differentiable JAX: the box gradient is ``jax.grad`` through these tables, with each
-clamp differentiated as the piecewise function it is (SEMANTICS.md).
+clamp differentiated as the piecewise function it is (docs/semantics.md).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def live_boxes(rois, num_images):
 
 
 def adaptive_cap(size: int, bins: int) -> int:
-    """The cap on the adaptive sample count, ``ceil(size / bins)`` (SEMANTICS.md)."""
+    """The cap on the adaptive sample count, ``ceil(size / bins)`` (docs/semantics.md)."""
     return max(1, -(-size // bins))
 
 

@@ -33,7 +33,7 @@ roi_pool family ``pool`` (features ``align_features_*``):
   ``pool_rois``, ``pool_box_kind``, ``pool_tags``,
   ``pool_params`` [n,3] float64: spatial_scale, oh, ow
   per tag (e.g. ``pool_s1_o3x3``): ``T_out_*``, ``T_cot_*``, ``T_dfeat_*`` as above.
-``poolex_map`` [8,8] (the seed document's map), ``poolex_rois`` [1,5] = (0, 0,3,6,7),
+``poolex_map`` [8,8] (the RoIPool worked example's map), ``poolex_rois`` [1,5] = (0, 0,3,6,7),
 ``poolex_out`` [2,2]: torchvision.ops.roi_pool on it, 2x2 output.
 
 MultiScaleRoIAlign family ``msra`` (image 128x160 (H, W), B=2, C=3, 4 levels of scales
