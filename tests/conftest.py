@@ -85,3 +85,21 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a test extra; the property tests skip without it
     pass
+
+
+# --- Test speed and memory -----------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _clear_jax_caches_after_module():
+    """Compiled executables of one module are not reused by the next: dropping them keeps a
+    whole-suite run's resident memory at what one module needs."""
+    yield
+    jax.clear_caches()
+
+
+_DURATIONS_LOG = os.environ.get("JAX_ROI_TEST_DURATIONS")  # a path: one line per test, as it ends
+
+
+def pytest_runtest_logreport(report):
+    if _DURATIONS_LOG and report.when == "call":
+        with open(_DURATIONS_LOG, "a") as fh:
+            fh.write(f"{report.duration:9.2f} {report.outcome} {report.nodeid}\n")
