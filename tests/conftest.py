@@ -9,6 +9,32 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
+# A compilation cache shared by the tests of one run and by its pytest-xdist workers: many
+# tests compile the same computations (and the caches are dropped after each module). It
+# lives in a fresh directory per run, removed at the end, so no executable outlives the
+# build it came from. JAX_ROI_TEST_COMPILE_CACHE=DIR keeps one across runs instead, "0" turns
+# it off.
+_COMPILE_CACHE = os.environ.get("JAX_ROI_TEST_COMPILE_CACHE")
+# The controller picks the run's id; pytest-xdist's workers inherit it through the environment.
+_RUN_ID = os.environ.setdefault("JAX_ROI_TEST_RUN_ID", f"p{os.getpid()}")
+_OWN_CACHE = not _COMPILE_CACHE
+if _OWN_CACHE:
+    import tempfile
+
+    _COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"jax_roi_test_compile_cache_{_RUN_ID}")
+if _COMPILE_CACHE != "0":
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a plain run)
+        import shutil
+
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
+
+
 GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden", "torchvision_golden.npz")
 
 
@@ -80,7 +106,8 @@ try:
 
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                    derandomize=False, print_blob=True)
-    settings.register_profile("ci", max_examples=8, **_common)
+    settings.register_profile("ci", max_examples=6, **_common)
+    settings.register_profile("quick", max_examples=3, **_common)  # with -m "not slow"
     settings.register_profile("long", max_examples=400, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a test extra; the property tests skip without it
@@ -103,3 +130,51 @@ def pytest_runtest_logreport(report):
     if _DURATIONS_LOG and report.when == "call":
         with open(_DURATIONS_LOG, "a") as fh:
             fh.write(f"{report.duration:9.2f} {report.outcome} {report.nodeid}\n")
+
+
+# --- The quick subset: pytest -m "not slow" ------------------------------------------------
+# Whole tests that are slow by nature (training runs, subprocesses with simulated devices,
+# thread pools): their module and test name.
+SLOW_TESTS = {
+    ("test_examples.py", "test_detection_head"),
+    ("test_examples.py", "test_alignment_study"),
+    ("test_sharding.py", "test_sharded_head_example"),
+    ("test_concurrency.py", "test_threads_match_serial"),
+    ("test_cli.py", "test_demo_draws_the_picture"),
+}
+# Parametrized tests in these modules keep their first parametrization per implementation in
+# the quick subset (so every op, option family and path is still exercised: each test
+# function runs at least once on each built path); the other parametrizations are slow.
+SAMPLED_MODULES = {"test_ffi.py", "test_ffi_transforms.py", "test_reference.py", "test_roi_align.py",
+                   "test_roi_pool.py", "test_pyramid.py", "test_cuda_lowering.py", "test_properties.py"}
+
+
+def _group_key(item):
+    callspec = getattr(item, "callspec", None)
+    impl = callspec.params.get("implementation") if callspec is not None else None
+    return (item.path.name, item.originalname, impl)
+
+
+def pytest_collection_modifyitems(config, items):
+    seen = set()
+    for item in items:
+        module = item.path.name
+        if (module, item.originalname) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+            continue
+        if module in SAMPLED_MODULES and getattr(item, "callspec", None) is not None:
+            key = _group_key(item)
+            if key in seen:
+                item.add_marker(pytest.mark.slow)
+            seen.add(key)
+
+
+def pytest_configure(config):
+    # The quick subset draws fewer Hypothesis examples (unless a profile is asked for).
+    if "not slow" in (config.getoption("markexpr", "") or "") and "HYPOTHESIS_PROFILE" not in os.environ \
+            and not config.getoption("hypothesis_profile", None):
+        try:
+            from hypothesis import settings as _settings
+            _settings.load_profile("quick")
+        except ImportError:
+            pass
