@@ -1,6 +1,7 @@
 """Shared test set-up: float64 on (it is a supported feature dtype), the implementations
 built in this install, the torchvision golden data, and box sets with every edge case."""
 
+import functools
 import os
 
 import jax
@@ -115,6 +116,46 @@ except ImportError:  # hypothesis is a test extra; the property tests skip witho
 
 
 # --- Test speed and memory -----------------------------------------------------------------
+def jit_static(fn):
+    """``fn`` jit-compiled, every argument that is not an array (sizes, scales, options,
+    lists of floats) static. Called eagerly, the pure-JAX path runs op by op and compiles
+    every op and loop on its own, several times slower than one compile of the whole function;
+    results are the same computation."""
+    cache = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        mask = tuple(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+        static = tuple(leaf for leaf, m in zip(leaves, mask) if not m)
+        key = (treedef, mask, static)
+        try:
+            compiled = cache.get(key)
+        except TypeError:  # an unhashable option: no jit
+            return fn(*args, **kwargs)
+        if compiled is None:
+            def inner(arrays):
+                it_a, it_s = iter(arrays), iter(static)
+                a, k = jax.tree.unflatten(treedef, [next(it_a) if m else next(it_s) for m in mask])
+                return fn(*a, **k)
+            compiled = cache[key] = jax.jit(inner)
+        return compiled([leaf for leaf, m in zip(leaves, mask) if m])
+
+    wrapper.__wrapped_eager__ = fn
+    return wrapper
+
+
+# The canonical pure-JAX functions, jitted as a whole for the tests (tests call them, and the
+# public ops with implementation="xla", eagerly all the time). JAX_ROI_TEST_EAGER=1 keeps
+# them eager.
+if os.environ.get("JAX_ROI_TEST_EAGER") != "1":
+    import jax_roi.xla as _xla_path
+
+    for _name in ("roi_align", "roi_pool", "multilevel_roi_align"):
+        _fn = getattr(_xla_path, _name, None)
+        if _fn is not None and not hasattr(_fn, "__wrapped_eager__"):
+            setattr(_xla_path, _name, jit_static(_fn))
+
 @pytest.fixture(scope="module", autouse=True)
 def _clear_jax_caches_after_module():
     """Compiled executables of one module are not reused by the next: dropping them keeps a
