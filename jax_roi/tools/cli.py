@@ -101,11 +101,19 @@ def build_demo_parser(parser):
     return parser
 
 
+def _prog() -> str:
+    """``jax-roi`` when run as the installed script, else ``python -m jax_roi``."""
+    import os
+
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "jax-roi" if name.startswith("jax-roi") else "python -m jax_roi"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jax_roi.tools import bench
 
     parser = argparse.ArgumentParser(
-        prog="python -m jax_roi",
+        prog=_prog(),
         description="jax_roi: region-of-interest ops for JAX. Without a command, runs the demo.",
         epilog="Run `python -m jax_roi COMMAND --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info}")
