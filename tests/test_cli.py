@@ -39,9 +39,10 @@ def test_each_command_has_its_own_help(command, words, capsys):
     assert "kernels built" not in out  # `info --help` prints help, it does not run info
 
 
-def test_unknown_command_fails():
-    proc = _run("frobnicate")
-    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+def test_unknown_command_fails(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["frobnicate"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_info_tells_what_is_true(capsys):
