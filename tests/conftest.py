@@ -182,6 +182,15 @@ SLOW_TESTS = {
     ("test_sharding.py", "test_sharded_head_example"),
     ("test_concurrency.py", "test_threads_match_serial"),
     ("test_cli.py", "test_demo_draws_the_picture"),
+    ("test_examples.py", "test_sampling_picture"),
+    # the slowest of the rest (measured with JAX_ROI_TEST_DURATIONS); other tests cover
+    # the same ops and paths in the quick subset
+    ("test_ffi.py", "test_baseline_simd_variant_matches"),
+    ("test_ffi.py", "test_align_many_rois_and_channels_f32"),
+    ("test_ffi_transforms.py", "test_jit_checkpoint_scan_compose"),
+    ("test_pyramid.py", "test_gradients_equal_per_level_roi_align"),
+    ("test_pyramid.py", "test_torchvision_golden"),
+    ("test_pyramid.py", "test_box_forms_and_layouts"),
 }
 # Parametrized tests in these modules keep their first parametrization per implementation in
 # the quick subset (so every op, option family and path is still exercised: each test

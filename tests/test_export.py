@@ -48,7 +48,7 @@ def _roundtrip(fn, platforms, *args):
 
 
 # The quick subset (-m "not slow") exports these; every other (op, platforms) pair is slow.
-QUICK = {("roi_align", "cpu"), ("roi_align", "multi"), ("roi_pool", "cpu"), ("multiscale", "multi")}
+QUICK = {("roi_align", "multi"), ("roi_pool", "cpu")}
 CASES = [pytest.param(op, platforms, id=f"{op}-{name}",
                       marks=[] if (op, name) in QUICK else [pytest.mark.slow])
          for op in OPS for platforms, name in zip(PLATFORMS, ["cpu", "multi"])]
