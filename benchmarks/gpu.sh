@@ -178,7 +178,7 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
-from jax_roi import bench  # noqa: E402
+from jax_roi.tools import bench  # noqa: E402
 from jax_roi.ffi import ops as F  # noqa: E402
 from jax_roi.pyramid import fpn_levels  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Draw where RoIPool, RoIWarp and RoIAlign read a feature map for one box, side by side.
 
 The geometry (regions, bins, sampling points, the bilinear neighbours of one sample) follows
-SEMANTICS.md and is checked against the library before drawing (see jax_roi.figures).
+docs/semantics.md and is checked against the library before drawing (see jax_roi.tools.figures).
 
     python examples/sampling_picture.py --out docs/sampling_picture.png
     python examples/sampling_picture.py --box 0.7 2.2 5.4 4.9 --output-size 3 --legacy --out legacy.png
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from jax_roi.figures import DEFAULT_BOX, DEFAULT_MAP, draw_sampling_picture  # noqa: E402
+from jax_roi.tools.figures import DEFAULT_BOX, DEFAULT_MAP, draw_sampling_picture  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,7 @@
 
 RoIPool (Fast R-CNN), RoIWarp (MNC), RoIAlign (Mask R-CNN) and its multi-level (FPN) form,
 as pure JAX (``implementation="xla"``) and as XLA FFI kernels (``"ffi"``) with one meaning,
-defined in SEMANTICS.md.
+defined in docs/semantics.md.
 """
 
 from jax_roi.checks import check_boxes

@@ -1,5 +1,5 @@
 import sys
 
-from jax_roi.cli import main
+from jax_roi.tools.cli import main
 
 sys.exit(main())

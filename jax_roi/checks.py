@@ -1,6 +1,6 @@
 """Opt-in value checks: turn the inputs that the ops silently absorb into errors.
 
-The ops never fail on values (SEMANTICS.md): a padding batch index gives a zero row, a NaN
+The ops never fail on values (docs/semantics.md): a padding batch index gives a zero row, a NaN
 box zeros and zero gradients, an absurd box a bounded-time result. That is what a training
 loop wants, but while debugging a data pipeline one may prefer to hear about them.
 :func:`check_boxes` adds ``jax.experimental.checkify`` checks that work under ``jit``::

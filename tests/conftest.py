@@ -1,6 +1,7 @@
 """Shared test set-up: float64 on (it is a supported feature dtype), the implementations
 built in this install, the torchvision golden data, and box sets with every edge case."""
 
+import functools
 import os
 
 import jax
@@ -8,6 +9,32 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+# A compilation cache shared by the tests of one run and by its pytest-xdist workers: many
+# tests compile the same computations (and the caches are dropped after each module). It
+# lives in a fresh directory per run, removed at the end, so no executable outlives the
+# build it came from. JAX_ROI_TEST_COMPILE_CACHE=DIR keeps one across runs instead, "0" turns
+# it off.
+_COMPILE_CACHE = os.environ.get("JAX_ROI_TEST_COMPILE_CACHE")
+# The controller picks the run's id; pytest-xdist's workers inherit it through the environment.
+_RUN_ID = os.environ.setdefault("JAX_ROI_TEST_RUN_ID", f"p{os.getpid()}")
+_OWN_CACHE = not _COMPILE_CACHE
+if _OWN_CACHE:
+    import tempfile
+
+    _COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"jax_roi_test_compile_cache_{_RUN_ID}")
+if _COMPILE_CACHE != "0":
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a plain run)
+        import shutil
+
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
+
 
 GOLDEN_PATH = os.path.join(os.path.dirname(__file__), "golden", "torchvision_golden.npz")
 
@@ -80,8 +107,124 @@ try:
 
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                    derandomize=False, print_blob=True)
-    settings.register_profile("ci", max_examples=8, **_common)
+    settings.register_profile("ci", max_examples=6, **_common)
+    settings.register_profile("quick", max_examples=3, **_common)  # with -m "not slow"
     settings.register_profile("long", max_examples=400, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a test extra; the property tests skip without it
     pass
+
+
+# --- Test speed and memory -----------------------------------------------------------------
+def jit_static(fn):
+    """``fn`` jit-compiled, every argument that is not an array (sizes, scales, options,
+    lists of floats) static. Called eagerly, the pure-JAX path runs op by op and compiles
+    every op and loop on its own, several times slower than one compile of the whole function;
+    results are the same computation."""
+    cache = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        mask = tuple(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+        static = tuple(leaf for leaf, m in zip(leaves, mask) if not m)
+        key = (treedef, mask, static)
+        try:
+            compiled = cache.get(key)
+        except TypeError:  # an unhashable option: no jit
+            return fn(*args, **kwargs)
+        if compiled is None:
+            def inner(arrays):
+                it_a, it_s = iter(arrays), iter(static)
+                a, k = jax.tree.unflatten(treedef, [next(it_a) if m else next(it_s) for m in mask])
+                return fn(*a, **k)
+            compiled = cache[key] = jax.jit(inner)
+        return compiled([leaf for leaf, m in zip(leaves, mask) if m])
+
+    wrapper.__wrapped_eager__ = fn
+    return wrapper
+
+
+# The canonical pure-JAX functions, jitted as a whole for the tests (tests call them, and the
+# public ops with implementation="xla", eagerly all the time). JAX_ROI_TEST_EAGER=1 keeps
+# them eager.
+if os.environ.get("JAX_ROI_TEST_EAGER") != "1":
+    import jax_roi.xla as _xla_path
+
+    for _name in ("roi_align", "roi_pool", "multilevel_roi_align"):
+        _fn = getattr(_xla_path, _name, None)
+        if _fn is not None and not hasattr(_fn, "__wrapped_eager__"):
+            setattr(_xla_path, _name, jit_static(_fn))
+
+@pytest.fixture(scope="module", autouse=True)
+def _clear_jax_caches_after_module():
+    """Compiled executables of one module are not reused by the next: dropping them keeps a
+    whole-suite run's resident memory at what one module needs."""
+    yield
+    jax.clear_caches()
+
+
+_DURATIONS_LOG = os.environ.get("JAX_ROI_TEST_DURATIONS")  # a path: one line per test, as it ends
+
+
+def pytest_runtest_logreport(report):
+    if _DURATIONS_LOG and report.when == "call":
+        with open(_DURATIONS_LOG, "a") as fh:
+            fh.write(f"{report.duration:9.2f} {report.outcome} {report.nodeid}\n")
+
+
+# --- The quick subset: pytest -m "not slow" ------------------------------------------------
+# Whole tests that are slow by nature (training runs, subprocesses with simulated devices,
+# thread pools): their module and test name.
+SLOW_TESTS = {
+    ("test_examples.py", "test_detection_head"),
+    ("test_examples.py", "test_alignment_study"),
+    ("test_sharding.py", "test_sharded_head_example"),
+    ("test_concurrency.py", "test_threads_match_serial"),
+    ("test_cli.py", "test_demo_draws_the_picture"),
+    ("test_examples.py", "test_sampling_picture"),
+    # the slowest of the rest (measured with JAX_ROI_TEST_DURATIONS); other tests cover
+    # the same ops and paths in the quick subset
+    ("test_ffi.py", "test_baseline_simd_variant_matches"),
+    ("test_ffi.py", "test_align_many_rois_and_channels_f32"),
+    ("test_ffi_transforms.py", "test_jit_checkpoint_scan_compose"),
+    ("test_pyramid.py", "test_gradients_equal_per_level_roi_align"),
+    ("test_pyramid.py", "test_torchvision_golden"),
+    ("test_pyramid.py", "test_box_forms_and_layouts"),
+}
+# Parametrized tests in these modules keep their first parametrization per implementation in
+# the quick subset (so every op, option family and path is still exercised: each test
+# function runs at least once on each built path); the other parametrizations are slow.
+SAMPLED_MODULES = {"test_ffi.py", "test_ffi_transforms.py", "test_reference.py", "test_roi_align.py",
+                   "test_roi_pool.py", "test_pyramid.py", "test_cuda_lowering.py", "test_properties.py"}
+
+
+def _group_key(item):
+    callspec = getattr(item, "callspec", None)
+    impl = callspec.params.get("implementation") if callspec is not None else None
+    return (item.path.name, item.originalname, impl)
+
+
+def pytest_collection_modifyitems(config, items):
+    seen = set()
+    for item in items:
+        module = item.path.name
+        if (module, item.originalname) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+            continue
+        if module in SAMPLED_MODULES and getattr(item, "callspec", None) is not None:
+            key = _group_key(item)
+            if key in seen:
+                item.add_marker(pytest.mark.slow)
+            seen.add(key)
+
+
+def pytest_configure(config):
+    # The quick subset draws fewer Hypothesis examples (unless a profile is asked for).
+    if "not slow" in (config.getoption("markexpr", "") or "") and "HYPOTHESIS_PROFILE" not in os.environ \
+            and not config.getoption("hypothesis_profile", None):
+        try:
+            from hypothesis import settings as _settings
+            _settings.load_profile("quick")
+        except ImportError:
+            pass

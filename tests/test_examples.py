@@ -1,4 +1,4 @@
-"""Smoke tests of the example scripts (tiny sizes, a few steps) and of jax_roi.figures."""
+"""Smoke tests of the example scripts (tiny sizes, a few steps) and of jax_roi.tools.figures."""
 
 import importlib.util
 import os
@@ -120,9 +120,9 @@ def test_sampling_picture(tmp_path, capsys):
     dict(spatial_scale=0.5, map_size=(6, 9)),
 ], ids=["default", "legacy", "adaptive", "floor", "scale"])
 def test_figure_geometry_matches_the_library(kw):
-    """The drawn geometry (formulas from SEMANTICS.md) is what the library computes, for boxes
+    """The drawn geometry (formulas from docs/semantics.md) is what the library computes, for boxes
     inside, crossing and leaving the map."""
-    from jax_roi import figures
+    from jax_roi.tools import figures
 
     rng = np.random.default_rng(2)
     s = kw.get("spatial_scale", 1.0)
@@ -137,7 +137,7 @@ def test_figure_geometry_matches_the_library(kw):
 
 
 def test_figure_geometry_check_catches_a_wrong_picture():
-    from jax_roi import figures
+    from jax_roi.tools import figures
 
     geo = figures.sampling_geometry("roi_align", (1.6, 1.3, 6.3, 5.9), 2)
     geo["samples"] = geo["samples"] + 0.5  # the legacy half-pixel error
@@ -150,7 +150,7 @@ def test_figure_geometry_check_catches_a_wrong_picture():
 
 
 def test_bilinear_neighbours_weights():
-    from jax_roi import figures
+    from jax_roi.tools import figures
 
     taps = figures.bilinear_neighbours(2.19, 1.89, (8, 8))  # picture coordinates
     assert len(taps) == 4

@@ -1,4 +1,4 @@
-"""roi_pool on every built implementation: the seed document's worked example, the float64
+"""roi_pool on every built implementation: the worked example of docs/semantics.md, the float64
 oracle over both binnings and the edge boxes, gradients, dtypes, torchvision golden data."""
 
 import jax

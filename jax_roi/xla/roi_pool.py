@@ -28,7 +28,7 @@ def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
         bin_size = exact_divide(jnp.maximum(e - s + 1, 1), bins)
         start = jnp.floor(p * bin_size[:, None]) + s[:, None]
         end = jnp.ceil((p + 1) * bin_size[:, None]) + s[:, None]
-    else:  # "floor": the seed document's rule, last bin takes the remainder
+    else:  # "floor": the worked example's rule, last bin takes the remainder
         s, e = jnp.floor(c1 * scale), jnp.floor(c2 * scale)
         step = jnp.floor(exact_divide(e - s, bins))[:, None]
         start = s[:, None] + p * step

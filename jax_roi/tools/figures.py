@@ -1,14 +1,14 @@
 """The sampling picture: where RoIPool, RoIWarp and RoIAlign read a feature map.
 
 :func:`sampling_geometry` computes, for one box, the region each op uses, its bins and its
-sampling points, with the formulas of ``SEMANTICS.md`` written out, and then checks them
+sampling points, with the formulas of ``docs/semantics.md`` written out, and then checks them
 against the library itself (:func:`check_geometry`: the ops run on ramp maps whose values are
 their own coordinates, so they report where they sampled). :func:`draw_sampling_picture` draws
 them side by side (matplotlib, imported when called, rendered with Agg).
 
 Coordinates in the picture: feature cell ``(i, j)`` is the unit square ``[j, j+1) x [i, i+1)``
 and its value sits at its centre ``(j + 0.5, i + 0.5)``. The ops index features by cell
-(``f[y0, x0]`` at coordinate ``y0``), so a sampling coordinate ``x`` of SEMANTICS.md is drawn
+(``f[y0, x0]`` at coordinate ``y0``), so a sampling coordinate ``x`` of docs/semantics.md is drawn
 at ``x + 0.5``; with ``aligned=True`` that puts RoIAlign's grid exactly on the box.
 """
 
@@ -120,7 +120,7 @@ def sampling_geometry(method: str, box: Sequence[float] = DEFAULT_BOX, output_si
 
 
 def bilinear_neighbours(x: float, y: float, map_size: Sequence[int]):
-    """The cells a sample at picture point ``(x, y)`` reads and their weights, as SEMANTICS.md's
+    """The cells a sample at picture point ``(x, y)`` reads and their weights, as docs/semantics.md's
     bilinear rule: ``[((row, col), weight), ...]`` (empty outside ``[-1, H] x [-1, W]``)."""
     H, W = map_size
     y, x = y - 0.5, x - 0.5  # back to the ops' coordinates

@@ -1,9 +1,10 @@
-"""``python -m jax_roi bench``: the workloads of BENCHMARKS.md, every path, one run.
+"""``python -m jax_roi bench``: the benchmark workloads (docs/benchmarks.md), every path, one run.
 
-Each (workload, path) runs in a child process so that its peak resident memory is its own.
+Each (workload, op, path) runs in a child process so that its peak resident memory is its own.
 Times are medians of ``--repeats`` runs after warm-up, forward alone and forward + backward
 (``jax.grad`` of a scalar of the output with respect to the features), each jit-compiled;
-compile time is reported apart. Ratios are against peers measured in the same run.
+compile time is reported apart. Ratios are against peers measured in the same run: the
+pure-JAX path, the kernels, and torchvision.ops when it is installed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CHANNELS = 256
 
 
 def make_inputs(name: str, seed: int = 0):
-    """Features (NHWC float32, one array per level) and ``[K, 5]`` rois, as BENCHMARKS.md."""
+    """Features (NHWC float32, one array per level) and ``[K, 5]`` rois, as docs/benchmarks.md."""
     w = WORKLOADS[name]
     rng = np.random.default_rng(seed)
     feats = [rng.standard_normal((w["images"], h, wd, CHANNELS), dtype=np.float32) for h, wd in w["levels"]]
@@ -167,6 +168,15 @@ def measure_one(name, op, path, repeats):
     return result
 
 
+TORCHVISION_HINT = ("pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu "
+                    "(CPU wheels; drop --index-url for CUDA ones)")
+
+
+def torchvision_available() -> bool:
+    # Found, not imported: the parent stays small (children measure their own memory).
+    return importlib.util.find_spec("torchvision") is not None
+
+
 def available_paths():
     import jax
 
@@ -175,14 +185,13 @@ def available_paths():
     paths = ["xla"]
     if jax.default_backend() in ffi.platforms():
         paths.append("ffi")
-    # Found, not imported: the parent stays small (children measure their own memory).
-    if importlib.util.find_spec("torchvision") is not None:
+    if torchvision_available():
         paths.append("torchvision")
     return paths
 
 
 def _child(name, op, path, repeats, timeout):
-    cmd = [sys.executable, "-m", "jax_roi.bench", "--child", name, op, path, str(repeats)]
+    cmd = [sys.executable, "-m", "jax_roi.tools.bench", "--child", name, op, path, str(repeats)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -194,7 +203,7 @@ def _child(name, op, path, repeats, timeout):
 
 
 def _bytes_moved(name, op):
-    """Bytes a forward must move (BENCHMARKS.md): features read once, output written once."""
+    """Bytes a forward must move: features read once, output written once."""
     w = WORKLOADS[name]
     feats = sum(w["images"] * h * wd * CHANNELS * 4 for h, wd in w["levels"])
     if op != "multiscale_roi_align":
@@ -220,19 +229,24 @@ def run(workloads, ops, paths, repeats, json_path, timeout=900):
     import jax
 
     rows = []
-    for name in workloads:
-        for op in ops:
-            if op == "multiscale_roi_align" and name != "fpn":
-                continue
-            if op == "roi_pool" and name == "fpn":
-                continue  # roi_align on fpn is the single-level yardstick: finest level, same K
-            for path in paths:
-                res = _child(name, op, path, repeats, timeout)
-                res.update(workload=name, op=op, path=path)
-                if "fwd_ms" in res:  # achieved forward bandwidth, BENCHMARKS.md's bytes
-                    res["fwd_gbps"] = _bytes_moved(name, op) / (res["fwd_ms"] * 1e-3) / 1e9
-                rows.append(res)
-                print(_format_row(res), flush=True)
+    jobs = [(name, op, path) for name in workloads for op in ops
+            if not (op == "multiscale_roi_align" and name != "fpn")
+            # roi_align on fpn is the single-level yardstick: finest level, same K
+            and not (op == "roi_pool" and name == "fpn")
+            for path in paths]
+    if "torchvision" not in paths:
+        print("torchvision is not installed: this run has no torchvision peer. To add it: "
+              + TORCHVISION_HINT, flush=True)
+    print(f"{len(jobs)} measurements, each in its own process (compile, warm-up, {repeats} timed runs "
+          "forward and forward + backward):", flush=True)
+    for i, (name, op, path) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {name} {op} {path} ...", file=sys.stderr, flush=True)
+        res = _child(name, op, path, repeats, timeout)
+        res.update(workload=name, op=op, path=path)
+        if "fwd_ms" in res:  # achieved forward bandwidth (bytes that must move)
+            res["fwd_gbps"] = _bytes_moved(name, op) / (res["fwd_ms"] * 1e-3) / 1e9
+        rows.append(res)
+        print(_format_row(res), flush=True)
     _print_ratios(rows)
     info = dict(backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
                 cpu_count=os.cpu_count(), repeats=repeats, jax=jax.__version__, rows=rows)
@@ -261,51 +275,89 @@ def _format_row(r):
                    f"peak RSS {r['peak_rss_mb']:7.0f} MB")
 
 
-def _print_ratios(rows):
+def ratio_rows(rows):
+    """``[(workload, op, path, peer, fwd ratio, fwd+bwd ratio)]``: peer time / path time,
+    for every pair measured in the same run."""
     by = {(r["workload"], r["op"], r["path"]): r for r in rows if "error" not in r}
-    lines = []
+    out = []
     for (wl, op, path), r in sorted(by.items()):
         for peer in ("torchvision", "xla"):
             p = by.get((wl, op, peer))
             if p is None or peer == path:
                 continue
-            lines.append(f"{wl:<18} {op:<21} {path:<5} vs {peer:<12} fwd {p['fwd_ms'] / r['fwd_ms']:6.2f}x"
-                         f"  fwd+bwd {p['fwd_bwd_ms'] / r['fwd_bwd_ms']:6.2f}x")
+            out.append((wl, op, path, peer, p["fwd_ms"] / r["fwd_ms"], p["fwd_bwd_ms"] / r["fwd_bwd_ms"]))
+    return out
+
+
+def _print_ratios(rows):
+    by = {(r["workload"], r["op"], r["path"]): r for r in rows if "error" not in r}
+    table = ratio_rows(rows)
+    if table:
+        print("\nspeed-up, peer time / path time (same run; > 1: the path is faster):")
+        print(f"{'workload':<18} {'op':<21} {'path':<12} {'vs':<12} {'fwd':>7}  {'fwd+bwd':>7}")
+        for wl, op, path, peer, f, fb in table:
+            print(f"{wl:<18} {op:<21} {path:<12} {peer:<12} {f:6.2f}x  {fb:6.2f}x")
+    lines = []
     for (wl, op, path), r in sorted(by.items()):
         single = by.get((wl, "roi_align", path))
         if op == "multiscale_roi_align" and single is not None:
-            lines.append(f"{wl:<18} multiscale vs roi_align on one level (same K), {path:<5}: "
-                         f"fwd {r['fwd_ms'] / single['fwd_ms']:5.2f}x  fwd+bwd {r['fwd_bwd_ms'] / single['fwd_bwd_ms']:5.2f}x the time")
+            lines.append(f"{wl:<18} {path:<12} fwd {r['fwd_ms'] / single['fwd_ms']:5.2f}x  "
+                         f"fwd+bwd {r['fwd_bwd_ms'] / single['fwd_bwd_ms']:5.2f}x")
     if lines:
-        print("speed-up (peer time / path time, same run):")
+        print("\nmultiscale_roi_align time / single-level roi_align time (same K, finest level):")
         print("\n".join(lines))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jax_roi bench", description=__doc__)
+def build_parser(parser=None):
+    """The ``bench`` options, on ``parser`` (a subcommand's) or a new one."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog="python -m jax_roi bench")
+    parser.description = ("The benchmark workloads (docs/benchmarks.md) on every available path "
+                          "(pure JAX, the kernels where built, torchvision when installed), each "
+                          "measurement in its own process; rows as they finish, a ratios table at "
+                          "the end, everything in a JSON file.")
     parser.add_argument("--workloads", default="box-head,box-head-adaptive,mask-head,fpn",
-                        help="comma list from: " + ", ".join(WORKLOADS))
-    parser.add_argument("--ops", default="roi_align,roi_pool,multiscale_roi_align")
-    parser.add_argument("--paths", default=None, help="comma list of xla, ffi, torchvision (default: all available)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default="bench_results.json")
+                        help="comma list from: " + ", ".join(WORKLOADS) + " (default: %(default)s)")
+    parser.add_argument("--ops", default="roi_align,roi_pool,multiscale_roi_align",
+                        help="comma list from: " + ", ".join(OPS) + " (default: %(default)s)")
+    parser.add_argument("--paths", default=None,
+                        help="comma list of xla, ffi, torchvision (default: all available here)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
+    parser.add_argument("--json", default="bench_results.json", help="results file (default: %(default)s)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_from_args(args) -> int:
     if args.child:
         name, op, path, repeats = args.child
         print(json.dumps(measure_one(name, op, path, int(repeats))))
         return 0
+
+    def fail(msg):
+        print(f"python -m jax_roi bench: error: {msg}", file=sys.stderr)
+        return 2
+
     workloads = [w for w in args.workloads.split(",") if w]
     for w in workloads:
         if w not in WORKLOADS:
-            parser.error(f"--workloads: expected names from {', '.join(WORKLOADS)}, got {w!r}")
+            return fail(f"--workloads: expected names from {', '.join(WORKLOADS)}, got {w!r}")
     ops = [o for o in args.ops.split(",") if o]
     for o in ops:
         if o not in OPS:
-            parser.error(f"--ops: expected names from {', '.join(OPS)}, got {o!r}")
+            return fail(f"--ops: expected names from {', '.join(OPS)}, got {o!r}")
     paths = args.paths.split(",") if args.paths else available_paths()
+    for p in paths:
+        if p not in ("xla", "ffi", "torchvision"):
+            return fail(f"--paths: expected names from xla, ffi, torchvision, got {p!r}")
+    if "torchvision" in paths and not torchvision_available():
+        return fail("--paths: torchvision is not installed. To add it: " + TORCHVISION_HINT)
     run(workloads, ops, paths, args.repeats, args.json)
     return 0
+
+
+def main(argv=None):
+    return run_from_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
