@@ -323,9 +323,10 @@ def test_pool_dtypes(dtype):
 
 def test_pool_worked_example_and_first_maximum():
     m = jnp.asarray(R.POOL_EXAMPLE_MAP, jnp.float32)[None, :, :, None]
-    floor = F.roi_pool(m, jnp.asarray([[0, 0, 3, 7, 8.0]]), (2, 2), binning="floor")
+    # canonical form: rois in the coordinate dtype of float32 features
+    floor = F.roi_pool(m, jnp.asarray([[0, 0, 3, 7, 8.0]], jnp.float32), (2, 2), binning="floor")
     np.testing.assert_allclose(floor[0, :, :, 0], [[0.85, 0.84], [0.97, 0.96]], atol=1e-6)
-    caffe = F.roi_pool(m, jnp.asarray([[0, 0, 3, 6, 7.0]]), (2, 2), binning="caffe")
+    caffe = F.roi_pool(m, jnp.asarray([[0, 0, 3, 6, 7.0]], jnp.float32), (2, 2), binning="caffe")
     np.testing.assert_allclose(caffe[0, :, :, 0], [[0.85, 0.96], [0.97, 0.96]], atol=1e-6)
     flat = jnp.ones((1, 4, 4, 3))
     d = jax.grad(lambda f: jnp.sum(F.roi_pool(f, jnp.asarray([[0, 0, 0, 3, 3.0]]), (1, 1))))(flat)
