@@ -1,28 +1,39 @@
 // Shared plumbing of the CUDA kernels: storage and accumulation types, 16-byte vector
 // loads and stores, vector atomics, a block-wide ordered compaction, the feature-level
-// table passed to the kernels by value, and the host-side argument checks (the same checks
+// table passed to the kernels by value, the host-side argument checks (the same checks
 // and messages as the CPU handlers, cpu_common.h, which this file does not include: that
-// header pulls in the CPU SIMD code).
+// header pulls in the CPU SIMD code), and the two executors of a launch: CudaExec (nvcc:
+// a kernel launch on the stream) and HostExec (host compiler: every block and thread run
+// on the calling thread, for the emulated targets).
 //
-// The per-sample arithmetic is roi_math.h's (ROI_HD functions), shared with the CPU path.
-// Build with --fmad=false and IEEE division (no -use_fast_math): every coordinate operation
-// is rounded on its own, as on the CPU and in torchvision.
+// The per-sample arithmetic is roi_math.h's (ROI_HD functions), shared with the CPU path;
+// device-only operations come from cuda/device_ops.h. Build with --fmad=false and IEEE
+// division (no -use_fast_math), and the host twin with -ffp-contract=off: every coordinate
+// operation is rounded on its own, as on the CPU and in torchvision.
 #ifndef JAX_ROI_XLA_FFI_CUDA_COMMON_CUH_
 #define JAX_ROI_XLA_FFI_CUDA_COMMON_CUH_
 
-#include <cuda_runtime.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <initializer_list>
 #include <sstream>
 #include <string>
+#include <vector>
 
+#include "cuda/device_ops.h"
 #include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
+// Inline in both builds; forced inline on the device, as the kernels were tuned with it.
+#ifdef __CUDACC__
+#define ROI_HDI __host__ __device__ __forceinline__
+#else
+#define ROI_HDI inline
+#endif
+
 namespace jax_roi {
-namespace cuda {
+namespace JAX_ROI_CUDA_NS {
 
 namespace ffi = xla::ffi;
 
@@ -47,28 +58,28 @@ struct AccOf<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(bf16 v) { return bf16_to_float(v.bits); }
-__device__ __forceinline__ float to_acc(f16 v) { return half_to_float(v.bits); }
+ROI_HDI float to_acc(float v) { return v; }
+ROI_HDI double to_acc(double v) { return v; }
+ROI_HDI float to_acc(bf16 v) { return bf16_to_float(v.bits); }
+ROI_HDI float to_acc(f16 v) { return half_to_float(v.bits); }
 
 template <typename S>
 struct Store;
 template <>
 struct Store<float> {
-  __device__ __forceinline__ static float from(float v) { return v; }
+  ROI_HDI static float from(float v) { return v; }
 };
 template <>
 struct Store<double> {
-  __device__ __forceinline__ static double from(double v) { return v; }
+  ROI_HDI static double from(double v) { return v; }
 };
 template <>
 struct Store<bf16> {
-  __device__ __forceinline__ static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
+  ROI_HDI static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
 };
 template <>
 struct Store<f16> {
-  __device__ __forceinline__ static f16 from(float v) { return f16{float_to_half(v)}; }
+  ROI_HDI static f16 from(float v) { return f16{float_to_half(v)}; }
 };
 
 // Channels per 16-byte vector.
@@ -80,9 +91,9 @@ constexpr int VecWidth() {
 // a[j] = p[j], j < V, as one 16-byte load when V elements fill 16 bytes (p then 16-byte
 // aligned: the caller uses V > 1 only when C % V == 0, and XLA buffers are aligned).
 template <typename S, int V>
-__device__ __forceinline__ void load_vec(const S* __restrict__ p, typename AccOf<S>::type (&a)[V]) {
+ROI_HDI void load_vec(const S* __restrict__ p, typename AccOf<S>::type (&a)[V]) {
   if constexpr (V * sizeof(S) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const Raw16 raw = load16_readonly(p);
     S s[V];
     memcpy(s, &raw, 16);
 #pragma unroll
@@ -94,14 +105,14 @@ __device__ __forceinline__ void load_vec(const S* __restrict__ p, typename AccOf
 }
 
 template <typename S, int V>
-__device__ __forceinline__ void store_vec(S* __restrict__ p, const typename AccOf<S>::type (&a)[V]) {
+ROI_HDI void store_vec(S* __restrict__ p, const typename AccOf<S>::type (&a)[V]) {
   S s[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) s[j] = Store<S>::from(a[j]);
   if constexpr (V * sizeof(S) == 16) {
-    uint4 raw;
+    Raw16 raw;
     memcpy(&raw, s, 16);
-    *reinterpret_cast<uint4*>(p) = raw;
+    store16(p, raw);
   } else {
 #pragma unroll
     for (int j = 0; j < V; ++j) p[j] = s[j];
@@ -109,63 +120,65 @@ __device__ __forceinline__ void store_vec(S* __restrict__ p, const typename AccO
 }
 
 // d[j] += v[j], j < V. Float4 atomics on sm_90 (16-byte aligned: see load_vec).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool kVectorAtomics = true;
-#else
-constexpr bool kVectorAtomics = false;
-#endif
-
 template <int V>
-__device__ __forceinline__ void atomic_add_vec(float* d, const float (&v)[V]) {
-  if constexpr (kVectorAtomics && V % 4 == 0) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+ROI_HDI void atomic_add_vec(float* d, const float (&v)[V]) {
+  if constexpr (V % 4 == 0) {
 #pragma unroll
-    for (int j = 0; j < V; j += 4) {
-      atomicAdd(reinterpret_cast<float4*>(d + j), make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]));
-    }
-#endif
+    for (int j = 0; j < V; j += 4) atomic_add4(d + j, v[j], v[j + 1], v[j + 2], v[j + 3]);
   } else {
 #pragma unroll
-    for (int j = 0; j < V; ++j) atomicAdd(d + j, v[j]);
+    for (int j = 0; j < V; ++j) atomic_add(d + j, v[j]);
   }
 }
 
 template <int V>
-__device__ __forceinline__ void atomic_add_vec(double* d, const double (&v)[V]) {
+ROI_HDI void atomic_add_vec(double* d, const double (&v)[V]) {
 #pragma unroll
-  for (int j = 0; j < V; ++j) atomicAdd(d + j, v[j]);
+  for (int j = 0; j < V; ++j) atomic_add(d + j, v[j]);
 }
 
 template <typename T>
-__device__ __forceinline__ T neg_infinity();
+ROI_HDI T neg_infinity();
 template <>
-__device__ __forceinline__ float neg_infinity<float>() {
-  return __int_as_float(0xff800000);
+ROI_HDI float neg_infinity<float>() {
+  return roi_bits_float(0xff800000u);
 }
 template <>
-__device__ __forceinline__ double neg_infinity<double>() {
-  return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+ROI_HDI double neg_infinity<double>() {
+  const uint64_t bits = 0xfff0000000000000ull;
+  double d;
+  memcpy(&d, &bits, sizeof(d));
+  return d;
 }
 
 // ---------------------------------------------------------------------------------------
-// Block-wide ordered compaction. Every thread of the block calls it (blockDim.x a multiple
-// of 32, blockDim.y == blockDim.z == 1); returns the number of flagged threads and sets
-// *pos to the rank of this thread among them (thread order). `warp_sums` is shared memory
-// of at least blockDim.x / 32 ints. The caller must __syncthreads() between using the
-// result and the next call (the next call overwrites warp_sums).
+// Block-wide ordered compaction. Called block-uniformly (blockDim.x * blockDim.y a multiple
+// of 32); returns the number of threads with a non-zero flag and sets pos[t] to the rank of
+// thread t among them (thread order). `warp_sums`: shared memory of one int per warp. The
+// caller must sync() between using the result and the next call (which rewrites
+// warp_sums).
 // ---------------------------------------------------------------------------------------
-__device__ __forceinline__ int block_compact(bool flag, int* warp_sums, int* pos) {
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  if (lane == 0) warp_sums[warp] = __popc(ballot);
-  __syncthreads();
-  int before = 0, total = 0;
-  for (int w = 0; w < warps; ++w) {
-    const int s = warp_sums[w];
-    before += (w < warp) ? s : 0;
-    total += s;
-  }
-  *pos = before + __popc(ballot & ((1u << lane) - 1u));
+template <typename Block>
+ROI_HDI int block_compact(const Block& blk, const PerThread<Block, int>& flag, PerThread<Block, int>& pos,
+                          int* warp_sums) {
+  PerThread<Block, unsigned> ballot;
+  blk.ballot(flag, ballot);
+  blk.each_thread([&](const Thread& t) {
+    if (t.lane() == 0) warp_sums[t.warp()] = popc(ballot[t]);
+  });
+  blk.sync();
+  int total = 0;
+  blk.each_thread([&](const Thread& t) {
+    const int lane = t.lane(), warp = t.warp(), warps = t.block_threads() / kWarpSize;
+    int before = 0, all = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int s = warp_sums[w];
+      before += (w < warp) ? s : 0;
+      all += s;
+    }
+    pos[t] = before + popc(ballot[t] & ((1u << lane) - 1u));
+    total = all;  // the same in every thread
+  });
   return total;
 }
 
@@ -209,7 +222,7 @@ struct AlignRoi {
 // with no samples on an axis (empty or inverted box in adaptive mode): both give a zero
 // output row and no gradient.
 template <typename T>
-__device__ __forceinline__ AlignRoi<T> resolve_align(const Levels& lv, const AlignAttrs& at, const T* __restrict__ rois,
+ROI_HDI AlignRoi<T> resolve_align(const Levels& lv, const AlignAttrs& at, const T* __restrict__ rois,
                                                      const int32_t* __restrict__ level, int64_t k, int64_t num_images,
                                                      bool normalize) {
   AlignRoi<T> r;
@@ -314,24 +327,6 @@ inline std::string ShapeString(ffi::AnyBuffer::Dimensions d) {
 }
 
 inline ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument(msg); }
-
-inline ffi::Error CudaError(const char* op, const char* what, cudaError_t e) {
-  return ffi::Error::Internal(std::string(op) + ": " + what + ": " + cudaGetErrorString(e));
-}
-
-// The error of the launches just made (launch configuration, missing kernel image).
-inline ffi::Error LaunchStatus(const char* op) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return CudaError(op, "kernel launch failed", e);
-  return ffi::Error::Success();
-}
-
-inline ffi::Error MemsetAsync(const char* op, void* ptr, size_t bytes, cudaStream_t stream) {
-  if (bytes == 0) return ffi::Error::Success();
-  const cudaError_t e = cudaMemsetAsync(ptr, 0, bytes, stream);
-  if (e != cudaSuccess) return CudaError(op, "cudaMemsetAsync failed", e);
-  return ffi::Error::Success();
-}
 
 inline ffi::DataType CoordType(ffi::DataType feature_dtype) {
   return feature_dtype == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
@@ -472,7 +467,115 @@ inline unsigned GridFor(int64_t work) {
 
 inline int RoundUp32(int64_t n) { return static_cast<int>((n + 31) / 32 * 32); }
 
-}  // namespace cuda
+// ---------------------------------------------------------------------------------------
+// Executors: where a handler's launches and memsets go. A kernel K is a struct with
+// kMaxThreads (its __launch_bounds__) and a static ROI_HD run(Block&, params...) body.
+// ---------------------------------------------------------------------------------------
+
+// The launch configuration of one kernel (PlanX functions of each op compute it, for both
+// executors).
+struct LaunchGeom {
+  Dim3 grid, block;
+  size_t shared_bytes;
+};
+
+// The largest dynamic shared memory a launch may ask for without an opt-in attribute.
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+
+#ifdef __CUDACC__
+// The one __global__ function: every kernel body runs through it, on the GPU exactly what
+// HostExec runs on the host.
+template <typename K, typename... P>
+__global__ void __launch_bounds__(K::kMaxThreads) KernelEntry(const P... params) {
+  extern __shared__ __align__(16) unsigned char shared[];
+  K::run(DeviceBlock(shared), params...);
+}
+
+class CudaExec {
+ public:
+  explicit CudaExec(cudaStream_t stream) : stream_(stream) {}
+  template <typename K, typename... P>
+  void launch(const LaunchGeom& g, const P&... params) {
+    KernelEntry<K, P...><<<dim3(g.grid.x, g.grid.y, g.grid.z), dim3(g.block.x, g.block.y, g.block.z),
+                           g.shared_bytes, stream_>>>(params...);
+  }
+  ffi::Error zero(const char* op, void* ptr, size_t bytes) {
+    if (bytes == 0) return ffi::Error::Success();
+    const cudaError_t e = cudaMemsetAsync(ptr, 0, bytes, stream_);
+    if (e != cudaSuccess) return Error(op, "cudaMemsetAsync failed", e);
+    return ffi::Error::Success();
+  }
+  // The error of the launches made so far (launch configuration, missing kernel image).
+  ffi::Error status(const char* op) {
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return Error(op, "kernel launch failed", e);
+    return ffi::Error::Success();
+  }
+
+ private:
+  static ffi::Error Error(const char* op, const char* what, cudaError_t e) {
+    return ffi::Error::Internal(std::string(op) + ": " + what + ": " + cudaGetErrorString(e));
+  }
+  cudaStream_t stream_;
+};
+#else
+// Runs a launch on the calling thread: blocks in order, each block's phases for all its
+// threads in order. Shared memory starts as a 0xA5 pattern (the GPU does not clear it).
+// A launch the GPU would reject (block over K::kMaxThreads, too much shared memory, an
+// empty grid or block) or a faulting access (host_fault) makes status() fail.
+class HostExec {
+ public:
+  template <typename K, typename... P>
+  void launch(const LaunchGeom& g, const P&... params) {
+    const uint64_t threads = uint64_t{g.block.x} * g.block.y * g.block.z;
+    if (threads == 0 || threads > static_cast<uint64_t>(K::kMaxThreads) ||
+        threads > static_cast<uint64_t>(HostBlock::kMaxThreads) || g.grid.x == 0 || g.grid.y == 0 ||
+        g.grid.z == 0 || g.shared_bytes > kMaxSharedBytes) {
+      bad_launch_ = true;
+      return;
+    }
+    std::vector<unsigned char> storage(g.shared_bytes + 16, 0xA5);
+    unsigned char* shared = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) % 16) % 16;
+    for (unsigned z = 0; z < g.grid.z; ++z) {
+      for (unsigned y = 0; y < g.grid.y; ++y) {
+        for (unsigned x = 0; x < g.grid.x; ++x) {
+          K::run(HostBlock(g.grid, g.block, Dim3{x, y, z}, shared), params...);
+        }
+      }
+    }
+  }
+  ffi::Error zero(const char*, void* ptr, size_t bytes) {
+    if (bytes > 0) memset(ptr, 0, bytes);
+    return ffi::Error::Success();
+  }
+  ffi::Error status(const char* op) {
+    const bool fault = host_fault;
+    host_fault = false;
+    if (bad_launch_) return ffi::Error::Internal(std::string(op) + ": kernel launch failed: invalid configuration");
+    if (fault) return ffi::Error::Internal(std::string(op) + ": kernel fault: misaligned 16-byte access");
+    return ffi::Error::Success();
+  }
+
+ private:
+  bool bad_launch_ = false;
+};
+#endif
+
+// What differs between the two builds of a handler: its executor, its context and its name.
+// The operands, results and attributes are bound by the same code in both.
+#ifdef __CUDACC__
+#define JAX_ROI_EXEC_PARAMS cudaStream_t stream,
+#define JAX_ROI_MAKE_EXEC() CudaExec(stream)
+#define JAX_ROI_BIND() ::xla::ffi::Ffi::Bind().Ctx<::xla::ffi::PlatformStream<cudaStream_t>>()
+#define JAX_ROI_HANDLER_NAME(base) base##Cuda
+#else
+#define JAX_ROI_EXEC_PARAMS
+#define JAX_ROI_MAKE_EXEC() HostExec()
+#define JAX_ROI_BIND() ::xla::ffi::Ffi::Bind()
+#define JAX_ROI_HANDLER_NAME(base) base##CudaEmulated
+#endif
+
+}  // namespace JAX_ROI_CUDA_NS
 }  // namespace jax_roi
 
 #endif  // JAX_ROI_XLA_FFI_CUDA_COMMON_CUH_

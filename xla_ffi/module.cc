@@ -7,6 +7,12 @@
 
 #include "cpu_targets.h"
 
+// The CUDA kernels built by the host compiler (xla_ffi/cuda/emulated_*.cc): CPU handlers.
+extern "C" {
+XLA_FFI_Error* JaxRoiPoolForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+}
+
 #ifdef JAX_ROI_WITH_CUDA
 // The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/*_cuda.cu).
 extern "C" {
@@ -59,6 +65,15 @@ PYBIND11_MODULE(_ext, m) {
   m.def("cuda_targets", []() { return py::dict(); });
   m.attr("has_cuda") = false;
 #endif
+  // The CUDA kernels run on the host (JAX_ROI_EMULATE_CUDA=1): the CUDA targets' names,
+  // operands and attributes (the backward's `deterministic` too), registered for platform
+  // "cpu" in place of cpu_targets(). Slow; for tests of the CUDA kernels without a GPU.
+  m.def("emulated_cuda_targets", []() {
+    py::dict d;
+    d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCudaEmulated);
+    d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCudaEmulated);
+    return d;
+  });
   // Bumped whenever a target's operands or attributes change; the Python side checks it.
   m.attr("abi_version") = 1;
 }

@@ -7,13 +7,18 @@
 // the cotangent, by atomicAdd, or (deterministic != 0) by a gather over feature tiles as in
 // roi_align_bwd_cuda.cu: bitwise reproducible.
 //
+// Each kernel is a struct whose ROI_HD run() body takes its thread indices from the Block
+// (cuda/device_ops.h); PlanPool computes every launch's geometry. The same file built by
+// the host compiler (emulated_roi_pool.cc) runs these bodies on the CPU for the emulated
+// targets.
+//
 // The same operands and attributes as roi_pool_cpu.cc, plus `deterministic` on the backward.
 #include <string>
 
 #include "cuda_common.cuh"
 
 namespace jax_roi {
-namespace cuda {
+namespace JAX_ROI_CUDA_NS {
 namespace {
 
 template <typename S>
@@ -33,141 +38,170 @@ constexpr int kPoolThreads = 256;
 
 // Bin (ph, pw) of a live roi: cells [*y0, *y0 + *hy) x [*x0, *x0 + *hx).
 template <typename A>
-__device__ __forceinline__ void pool_bin(const A* roi, A scale, int64_t ph, int64_t pw, int64_t oh, int64_t ow,
+ROI_HDI void pool_bin(const A* roi, A scale, int64_t ph, int64_t pw, int64_t oh, int64_t ow,
                                          int64_t H, int64_t W, int64_t binning, int* y0, int* hy, int* x0, int* hx) {
   pool_bin_range<A>(roi[2], roi[4], scale, ph, oh, H, binning, y0, hy);
   pool_bin_range<A>(roi[1], roi[3], scale, pw, ow, W, binning, x0, hx);
 }
 
 template <typename S, int V>
-__global__ void __launch_bounds__(kPoolThreads) PoolForwardKernel(const PoolArgs<S> args) {
-  using A = typename AccOf<S>::type;
-  const int64_t bins = args.oh * args.ow, C = args.channels, CV = C / V;
-  const int64_t H = args.height, W = args.width;
-  const int64_t groups = (bins + blockDim.y - 1) / blockDim.y;
-  const int64_t work = args.num_rois * groups;
-  const A scale = static_cast<A>(args.scale);
-  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {
-    const int64_t k = blk / groups;
-    const int64_t bin = (blk % groups) * blockDim.y + threadIdx.y;
-    if (bin >= bins) continue;
-    const int64_t ph = bin / args.ow, pw = bin % args.ow;
-    S* out = args.out + (k * bins + bin) * C;
-    const A* roi = args.rois + 5 * k;
-    const int64_t b = (H > 0 && W > 0) ? roi_batch_index(roi, args.batch) : -1;
-    int y0 = 0, hy = 0, x0 = 0, hx = 0;
-    if (b >= 0) pool_bin(roi, scale, ph, pw, args.oh, args.ow, H, W, args.binning, &y0, &hy, &x0, &hx);
-    const S* __restrict__ img = args.feats + (b >= 0 ? b : 0) * H * W * C;
-    for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
-      const int64_t c = cv * V;
-      A best[V];
+struct PoolForwardKernel {
+  static constexpr int kMaxThreads = kPoolThreads;
+  template <typename Block>
+  ROI_HD static void run(const Block& blk, const PoolArgs<S>& args) {
+    blk.each_thread([&](const Thread& t) { thread(t, args); });
+  }
+  ROI_HD static void thread(const Thread& t, const PoolArgs<S>& args) {
+    using A = typename AccOf<S>::type;
+    const int64_t bins = args.oh * args.ow, C = args.channels, CV = C / V;
+    const int64_t H = args.height, W = args.width;
+    const int64_t groups = (bins + t.block.y - 1) / t.block.y;
+    const int64_t work = args.num_rois * groups;
+    const A scale = static_cast<A>(args.scale);
+    for (int64_t blk = t.block_idx.x; blk < work; blk += t.grid.x) {
+      const int64_t k = blk / groups;
+      const int64_t bin = (blk % groups) * t.block.y + t.idx.y;
+      if (bin >= bins) continue;
+      const int64_t ph = bin / args.ow, pw = bin % args.ow;
+      S* out = args.out + (k * bins + bin) * C;
+      const A* roi = args.rois + 5 * k;
+      const int64_t b = (H > 0 && W > 0) ? roi_batch_index(roi, args.batch) : -1;
+      int y0 = 0, hy = 0, x0 = 0, hx = 0;
+      if (b >= 0) pool_bin(roi, scale, ph, pw, args.oh, args.ow, H, W, args.binning, &y0, &hy, &x0, &hx);
+      const S* __restrict__ img = args.feats + (b >= 0 ? b : 0) * H * W * C;
+      for (int64_t cv = t.idx.x; cv < CV; cv += t.block.x) {
+        const int64_t c = cv * V;
+        A best[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) best[j] = neg_infinity<A>();
-      for (int dy = 0; dy < hy; ++dy) {
-        for (int dx = 0; dx < hx; ++dx) {
-          A v[V];
-          load_vec<S, V>(img + ((static_cast<int64_t>(y0) + dy) * W + x0 + dx) * C + c, v);
+        for (int j = 0; j < V; ++j) best[j] = neg_infinity<A>();
+        for (int dy = 0; dy < hy; ++dy) {
+          for (int dx = 0; dx < hx; ++dx) {
+            A v[V];
+            load_vec<S, V>(img + ((static_cast<int64_t>(y0) + dy) * W + x0 + dx) * C + c, v);
 #pragma unroll
-          for (int j = 0; j < V; ++j) best[j] = v[j] > best[j] ? v[j] : best[j];
+            for (int j = 0; j < V; ++j) best[j] = v[j] > best[j] ? v[j] : best[j];
+          }
         }
-      }
 #pragma unroll
-      for (int j = 0; j < V; ++j) best[j] = best[j] == neg_infinity<A>() ? A(0) : best[j];
-      store_vec<S, V>(out + c, best);
+        for (int j = 0; j < V; ++j) best[j] = best[j] == neg_infinity<A>() ? A(0) : best[j];
+        store_vec<S, V>(out + c, best);
+      }
     }
   }
-}
+};
 
 template <typename S, int V>
-__global__ void __launch_bounds__(kPoolThreads) PoolBackwardKernel(const PoolArgs<S> args) {
-  using A = typename AccOf<S>::type;
-  const int64_t bins = args.oh * args.ow, C = args.channels, CV = C / V;
-  const int64_t H = args.height, W = args.width;
-  const int64_t groups = (bins + blockDim.y - 1) / blockDim.y;
-  const int64_t work = args.num_rois * groups;
-  const A scale = static_cast<A>(args.scale);
-  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {
-    const int64_t k = blk / groups;
-    const int64_t bin = (blk % groups) * blockDim.y + threadIdx.y;
-    if (bin >= bins) continue;
-    const int64_t ph = bin / args.ow, pw = bin % args.ow;
-    const A* roi = args.rois + 5 * k;
-    const int64_t b = roi_batch_index(roi, args.out_batch);
-    if (b < 0) continue;
-    int y0, hy, x0, hx;
-    pool_bin(roi, scale, ph, pw, args.oh, args.ow, H, W, args.binning, &y0, &hy, &x0, &hx);
-    const S* __restrict__ img = args.feats + (b % args.batch) * H * W * C;
-    A* dimg = args.grad + b * H * W * C;
-    const S* __restrict__ gk = args.cot + (k * bins + bin) * C;
-    for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
-      const int64_t c = cv * V;
-      A best[V];
-      int64_t arg[V];
+struct PoolBackwardKernel {
+  static constexpr int kMaxThreads = kPoolThreads;
+  template <typename Block>
+  ROI_HD static void run(const Block& blk, const PoolArgs<S>& args) {
+    blk.each_thread([&](const Thread& t) { thread(t, args); });
+  }
+  ROI_HD static void thread(const Thread& t, const PoolArgs<S>& args) {
+    using A = typename AccOf<S>::type;
+    const int64_t bins = args.oh * args.ow, C = args.channels, CV = C / V;
+    const int64_t H = args.height, W = args.width;
+    const int64_t groups = (bins + t.block.y - 1) / t.block.y;
+    const int64_t work = args.num_rois * groups;
+    const A scale = static_cast<A>(args.scale);
+    for (int64_t blk = t.block_idx.x; blk < work; blk += t.grid.x) {
+      const int64_t k = blk / groups;
+      const int64_t bin = (blk % groups) * t.block.y + t.idx.y;
+      if (bin >= bins) continue;
+      const int64_t ph = bin / args.ow, pw = bin % args.ow;
+      const A* roi = args.rois + 5 * k;
+      const int64_t b = roi_batch_index(roi, args.out_batch);
+      if (b < 0) continue;
+      int y0, hy, x0, hx;
+      pool_bin(roi, scale, ph, pw, args.oh, args.ow, H, W, args.binning, &y0, &hy, &x0, &hx);
+      const S* __restrict__ img = args.feats + (b % args.batch) * H * W * C;
+      A* dimg = args.grad + b * H * W * C;
+      const S* __restrict__ gk = args.cot + (k * bins + bin) * C;
+      for (int64_t cv = t.idx.x; cv < CV; cv += t.block.x) {
+        const int64_t c = cv * V;
+        A best[V];
+        int64_t arg[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        best[j] = neg_infinity<A>();
-        arg[j] = -1;
-      }
-      for (int dy = 0; dy < hy; ++dy) {
-        for (int dx = 0; dx < hx; ++dx) {
-          const int64_t cell = (static_cast<int64_t>(y0) + dy) * W + x0 + dx;
-          A v[V];
-          load_vec<S, V>(img + cell * C + c, v);
+        for (int j = 0; j < V; ++j) {
+          best[j] = neg_infinity<A>();
+          arg[j] = -1;
+        }
+        for (int dy = 0; dy < hy; ++dy) {
+          for (int dx = 0; dx < hx; ++dx) {
+            const int64_t cell = (static_cast<int64_t>(y0) + dy) * W + x0 + dx;
+            A v[V];
+            load_vec<S, V>(img + cell * C + c, v);
 #pragma unroll
-          for (int j = 0; j < V; ++j) {
-            if (v[j] > best[j]) {
-              best[j] = v[j];
-              arg[j] = cell;
+            for (int j = 0; j < V; ++j) {
+              if (v[j] > best[j]) {
+                best[j] = v[j];
+                arg[j] = cell;
+              }
             }
           }
         }
-      }
-      A g[V];
-      load_vec<S, V>(gk + c, g);
+        A g[V];
+        load_vec<S, V>(gk + c, g);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (arg[j] >= 0) atomicAdd(dimg + arg[j] * C + c + j, g[j]);
+        for (int j = 0; j < V; ++j) {
+          if (arg[j] >= 0) atomic_add(dimg + arg[j] * C + c + j, g[j]);
+        }
       }
     }
   }
-}
+};
+
+// The deterministic gather's tiling of d_features (PlanPool).
+struct PoolTiles {
+  int tile;
+  int64_t tiles_y, tiles_x, chunks;
+};
 
 // Deterministic: one block per (image, tile, channel chunk); rois listed in order; each
 // thread (one channel) adds the cotangent of every bin whose first maximal cell lies in the
-// tile, in (roi, ph, pw) order, then writes the tile once.
+// tile, in (roi, ph, pw) order, then writes the tile once. Shared memory: the tile's
+// accumulators [tile*tile][nt], the roi list [nt], one int per warp for block_compact.
 template <typename S>
-__global__ void __launch_bounds__(128) PoolGatherKernel(const PoolArgs<S> args, int tile, int64_t tiles_y,
-                                                        int64_t tiles_x, int64_t chunks) {
+struct PoolGatherKernel {
+  static constexpr int kMaxThreads = 128;
   using A = typename AccOf<S>::type;
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int warp_sums[32];
-  const int nt = blockDim.x, tid = threadIdx.x;
-  A* acc = reinterpret_cast<A*>(smem);                      // [tile*tile][nt]
-  int* rlist = reinterpret_cast<int*>(acc + tile * tile * nt);  // [nt]
-  const int64_t K = args.num_rois, C = args.channels, oh = args.oh, ow = args.ow, bins = oh * ow;
-  const int64_t H = args.height, W = args.width;
-  const A scale = static_cast<A>(args.scale);
-  const int64_t work = args.out_batch * tiles_y * tiles_x * chunks;
-  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {  // uniform over the block
-    int64_t t = blk;
-    const int64_t chunk = t % chunks;
-    t /= chunks;
-    const int64_t tx = t % tiles_x;
-    t /= tiles_x;
-    const int64_t ty = t % tiles_y;
-    const int64_t b = t / tiles_y;
-    const int r0 = static_cast<int>(ty * tile), r1 = static_cast<int>(ty * tile + tile < H ? ty * tile + tile : H);
-    const int c0 = static_cast<int>(tx * tile), c1 = static_cast<int>(tx * tile + tile < W ? tx * tile + tile : W);
-    const int64_t c = chunk * nt + tid;
-    const bool cok = c < C;
-    for (int q = 0; q < tile * tile; ++q) acc[q * nt + tid] = A(0);
-    const S* __restrict__ img = args.feats + (b % args.batch) * H * W * C;
-    for (int64_t k0 = 0; k0 < K; k0 += nt) {
-      bool hit = false;
-      const int64_t k = k0 + tid;
-      if (k < K) {
-        const A* roi = args.rois + 5 * k;
-        if (roi_batch_index(roi, args.out_batch) == b) {
+  ROI_HD static size_t shared_bytes(int tile, int nt) {
+    return sizeof(A) * tile * tile * nt + sizeof(int) * nt + sizeof(int) * (nt / kWarpSize);
+  }
+  template <typename Block>
+  ROI_HD static void run(const Block& blk, const PoolArgs<S>& args, const PoolTiles& tl) {
+    const int tile = tl.tile;
+    const int nt = static_cast<int>(blk.block_dim().x);
+    A* acc = reinterpret_cast<A*>(blk.shared());      // [tile*tile][nt]
+    int* rlist = reinterpret_cast<int*>(acc + tile * tile * nt);  // [nt]
+    int* warp_sums = rlist + nt;                       // [nt / 32]
+    const int64_t K = args.num_rois, C = args.channels, oh = args.oh, ow = args.ow, bins = oh * ow;
+    const int64_t H = args.height, W = args.width;
+    const A scale = static_cast<A>(args.scale);
+    const int64_t work = args.out_batch * tl.tiles_y * tl.tiles_x * tl.chunks;
+    for (int64_t bi = blk.block_index().x; bi < work; bi += blk.grid_dim().x) {  // uniform over the block
+      int64_t q = bi;
+      const int64_t chunk = q % tl.chunks;
+      q /= tl.chunks;
+      const int64_t tx = q % tl.tiles_x;
+      q /= tl.tiles_x;
+      const int64_t ty = q % tl.tiles_y;
+      const int64_t b = q / tl.tiles_y;
+      const int r0 = static_cast<int>(ty * tile), r1 = static_cast<int>(ty * tile + tile < H ? ty * tile + tile : H);
+      const int c0 = static_cast<int>(tx * tile), c1 = static_cast<int>(tx * tile + tile < W ? tx * tile + tile : W);
+      const S* __restrict__ img = args.feats + (b % args.batch) * H * W * C;
+      blk.each_thread([&](const Thread& t) {
+        const int tid = t.linear();
+        for (int e = 0; e < tile * tile; ++e) acc[e * nt + tid] = A(0);
+      });
+      for (int64_t k0 = 0; k0 < K; k0 += nt) {
+        PerThread<Block, int> hit, pos;
+        blk.each_thread([&](const Thread& t) {
+          hit[t] = 0;
+          const int64_t k = k0 + t.linear();
+          if (k >= K) return;
+          const A* roi = args.rois + 5 * k;
+          if (roi_batch_index(roi, args.out_batch) != b) return;
           // Union of the bins' cell ranges against the tile.
           bool ytouch = false, xtouch = false;
           for (int64_t p = 0; p < oh && !ytouch; ++p) {
@@ -180,100 +214,128 @@ __global__ void __launch_bounds__(128) PoolGatherKernel(const PoolArgs<S> args, 
             pool_bin_range<A>(roi[1], roi[3], scale, p, ow, W, args.binning, &s, &e);
             xtouch = e > 0 && s < c1 && s + e > c0;
           }
-          hit = ytouch && xtouch;
-        }
-      }
-      int pos;
-      const int n = block_compact(hit, warp_sums, &pos);
-      if (hit) rlist[pos] = static_cast<int>(k);
-      __syncthreads();
-      if (cok) {
-        for (int i = 0; i < n; ++i) {
-          const int64_t kk = rlist[i];
-          const A* roi = args.rois + 5 * kk;
-          const S* __restrict__ gk = args.cot + kk * bins * C + c;
-          for (int64_t ph = 0; ph < oh; ++ph) {
-            int y0, hy;
-            pool_bin_range<A>(roi[2], roi[4], scale, ph, oh, H, args.binning, &y0, &hy);
-            if (!(hy > 0 && y0 < r1 && y0 + hy > r0)) continue;
-            for (int64_t pw = 0; pw < ow; ++pw) {
-              int x0, hx;
-              pool_bin_range<A>(roi[1], roi[3], scale, pw, ow, W, args.binning, &x0, &hx);
-              if (!(hx > 0 && x0 < c1 && x0 + hx > c0)) continue;
-              A best = neg_infinity<A>();
-              int ay = -1, ax = -1;
-              for (int dy = 0; dy < hy; ++dy) {
-                for (int dx = 0; dx < hx; ++dx) {
-                  const A v = to_acc(img[((static_cast<int64_t>(y0) + dy) * W + x0 + dx) * C + c]);
-                  if (v > best) {
-                    best = v;
-                    ay = y0 + dy;
-                    ax = x0 + dx;
+          hit[t] = ytouch && xtouch;
+        });
+        const int n = block_compact(blk, hit, pos, warp_sums);
+        blk.each_thread([&](const Thread& t) {
+          if (hit[t]) rlist[pos[t]] = static_cast<int>(k0 + t.linear());
+        });
+        blk.sync();
+        blk.each_thread([&](const Thread& t) {
+          const int tid = t.linear();
+          const int64_t c = chunk * nt + tid;
+          if (c >= C) return;
+          for (int i = 0; i < n; ++i) {
+            const int64_t kk = rlist[i];
+            const A* roi = args.rois + 5 * kk;
+            const S* __restrict__ gk = args.cot + kk * bins * C + c;
+            for (int64_t ph = 0; ph < oh; ++ph) {
+              int y0, hy;
+              pool_bin_range<A>(roi[2], roi[4], scale, ph, oh, H, args.binning, &y0, &hy);
+              if (!(hy > 0 && y0 < r1 && y0 + hy > r0)) continue;
+              for (int64_t pw = 0; pw < ow; ++pw) {
+                int x0, hx;
+                pool_bin_range<A>(roi[1], roi[3], scale, pw, ow, W, args.binning, &x0, &hx);
+                if (!(hx > 0 && x0 < c1 && x0 + hx > c0)) continue;
+                A best = neg_infinity<A>();
+                int ay = -1, ax = -1;
+                for (int dy = 0; dy < hy; ++dy) {
+                  for (int dx = 0; dx < hx; ++dx) {
+                    const A v = to_acc(img[((static_cast<int64_t>(y0) + dy) * W + x0 + dx) * C + c]);
+                    if (v > best) {
+                      best = v;
+                      ay = y0 + dy;
+                      ax = x0 + dx;
+                    }
                   }
                 }
-              }
-              if (ay >= r0 && ay < r1 && ax >= c0 && ax < c1) {
-                acc[((ay - r0) * tile + (ax - c0)) * nt + tid] += to_acc(gk[(ph * ow + pw) * C]);
+                if (ay >= r0 && ay < r1 && ax >= c0 && ax < c1) {
+                  acc[((ay - r0) * tile + (ax - c0)) * nt + tid] += to_acc(gk[(ph * ow + pw) * C]);
+                }
               }
             }
           }
-        }
+        });
+        blk.sync();  // rlist and warp_sums are rewritten next
       }
-      __syncthreads();  // rlist and warp_sums are rewritten next
-    }
-    if (cok) {
-      for (int y = r0; y < r1; ++y) {
-        for (int x = c0; x < c1; ++x) {
-          args.grad[((b * H + y) * W + x) * C + c] = acc[((y - r0) * tile + (x - c0)) * nt + tid];
+      blk.each_thread([&](const Thread& t) {
+        const int tid = t.linear();
+        const int64_t c = chunk * nt + tid;
+        if (c >= C) return;
+        for (int y = r0; y < r1; ++y) {
+          for (int x = c0; x < c1; ++x) {
+            args.grad[((b * H + y) * W + x) * C + c] = acc[((y - r0) * tile + (x - c0)) * nt + tid];
+          }
         }
-      }
+      });
     }
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------
 // Launch
 // ---------------------------------------------------------------------------------------
 
-template <typename S, int V, bool kBackward>
-void LaunchPool(const PoolArgs<S>& args, cudaStream_t stream) {
-  const int64_t CV = args.channels / V;
-  const int64_t bins = args.oh * args.ow;
-  const int bx = CV >= kPoolThreads ? kPoolThreads : RoundUp32(CV);
-  int by = kPoolThreads / bx;
-  if (by > bins) by = static_cast<int>(bins);
-  if (by < 1) by = 1;
-  const unsigned grid = GridFor(args.num_rois * ((bins + by - 1) / by));
-  if (kBackward) {
-    PoolBackwardKernel<S, V><<<grid, dim3(bx, by), 0, stream>>>(args);
-  } else {
-    PoolForwardKernel<S, V><<<grid, dim3(bx, by), 0, stream>>>(args);
-  }
-}
-
-template <typename S, bool kBackward>
-void LaunchPoolV(const PoolArgs<S>& args, cudaStream_t stream) {
-  constexpr int kV = VecWidth<S>();
-  if (args.channels % kV == 0) {
-    LaunchPool<S, kV, kBackward>(args, stream);
-  } else {
-    LaunchPool<S, 1, kBackward>(args, stream);
-  }
-}
+// Launch geometry of the three kernels (the CUDA launch and the host runner both use it).
+struct PoolPlan {
+  int vec;          // channels per thread of the forward / atomic backward: VecWidth or 1
+  LaunchGeom geom;
+  PoolTiles tiles;  // the deterministic gather only
+};
 
 template <typename S>
-void LaunchPoolGather(const PoolArgs<S>& args, cudaStream_t stream) {
+PoolPlan PlanPool(const PoolArgs<S>& args, bool gather) {
   using A = typename AccOf<S>::type;
-  const int64_t C = args.channels, H = args.height, W = args.width;
+  PoolPlan p{};
+  const int64_t C = args.channels;
+  if (!gather) {
+    p.vec = C % VecWidth<S>() == 0 ? VecWidth<S>() : 1;
+    const int64_t CV = C / p.vec;
+    const int64_t bins = args.oh * args.ow;
+    const int bx = CV >= kPoolThreads ? kPoolThreads : RoundUp32(CV);
+    int by = kPoolThreads / bx;
+    if (by > bins) by = static_cast<int>(bins);
+    if (by < 1) by = 1;
+    p.geom = LaunchGeom{Dim3{GridFor(args.num_rois * ((bins + by - 1) / by)), 1, 1},
+                        Dim3{static_cast<unsigned>(bx), static_cast<unsigned>(by), 1}, 0};
+    return p;
+  }
+  p.vec = 1;
+  const int64_t H = args.height, W = args.width;
   const int cap = sizeof(A) == 8 ? 64 : 128;
   const int nt = C >= cap ? cap : RoundUp32(C);
-  const int64_t chunks = (C + nt - 1) / nt;
-  const int64_t blocks8 = args.out_batch * ((H + 7) / 8) * ((W + 7) / 8) * chunks;
-  const int tile = blocks8 >= 1024 ? 8 : 4;
-  const int64_t tiles_y = (H + tile - 1) / tile, tiles_x = (W + tile - 1) / tile;
-  const size_t smem = sizeof(A) * tile * tile * nt + sizeof(int) * nt;
-  PoolGatherKernel<S><<<GridFor(args.out_batch * tiles_y * tiles_x * chunks), nt, smem, stream>>>(
-      args, tile, tiles_y, tiles_x, chunks);
+  PoolTiles& t = p.tiles;
+  t.chunks = (C + nt - 1) / nt;
+  const int64_t blocks8 = args.out_batch * ((H + 7) / 8) * ((W + 7) / 8) * t.chunks;
+  t.tile = blocks8 >= 1024 ? 8 : 4;
+  t.tiles_y = (H + t.tile - 1) / t.tile;
+  t.tiles_x = (W + t.tile - 1) / t.tile;
+  p.geom = LaunchGeom{Dim3{GridFor(args.out_batch * t.tiles_y * t.tiles_x * t.chunks), 1, 1},
+                      Dim3{static_cast<unsigned>(nt), 1, 1}, PoolGatherKernel<S>::shared_bytes(t.tile, nt)};
+  return p;
+}
+
+template <typename S, bool kBackward, typename Exec>
+void LaunchPool(Exec& exec, const PoolArgs<S>& args) {
+  constexpr int kV = VecWidth<S>();
+  const PoolPlan p = PlanPool(args, false);
+  if (p.vec == kV) {
+    if (kBackward) {
+      exec.template launch<PoolBackwardKernel<S, kV>>(p.geom, args);
+    } else {
+      exec.template launch<PoolForwardKernel<S, kV>>(p.geom, args);
+    }
+  } else if (kBackward) {
+    exec.template launch<PoolBackwardKernel<S, 1>>(p.geom, args);
+  } else {
+    exec.template launch<PoolForwardKernel<S, 1>>(p.geom, args);
+  }
+}
+
+template <typename S, typename Exec>
+void LaunchPoolGather(Exec& exec, const PoolArgs<S>& args) {
+  const PoolPlan p = PlanPool(args, true);
+  exec.template launch<PoolGatherKernel<S>>(p.geom, args, p.tiles);
 }
 
 ffi::Error DecodePool(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, double scale,
@@ -316,9 +378,10 @@ PoolArgs<S> MakePoolArgs(const ffi::AnyBuffer& rois, const ffi::AnyBuffer& featu
   return a;
 }
 
-ffi::Error RoiPoolForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer rois, ffi::AnyBuffer features,
+ffi::Error RoiPoolForwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer rois, ffi::AnyBuffer features,
                                   ffi::Result<ffi::AnyBuffer> out, double spatial_scale, int64_t binning) {
   const char* op = "jax_roi roi_pool forward (CUDA)";
+  auto exec = JAX_ROI_MAKE_EXEC();
   ffi::DataType dtype;
   int64_t K;
   if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &K); err.failure()) return err;
@@ -335,15 +398,16 @@ ffi::Error RoiPoolForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer rois, ffi:
     using S = decltype(tag);
     PoolArgs<S> args = MakePoolArgs<S>(rois, features, K, od[1], od[2], spatial_scale, binning);
     args.out = static_cast<S*>(out->untyped_data());
-    LaunchPoolV<S, false>(args, stream);
+    LaunchPool<S, false>(exec, args);
   });
-  return LaunchStatus(op);
+  return exec.status(op);
 }
 
-ffi::Error RoiPoolBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi::AnyBuffer rois,
+ffi::Error RoiPoolBackwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer cot, ffi::AnyBuffer rois,
                                    ffi::AnyBuffer features, ffi::Result<ffi::AnyBuffer> d_features,
                                    double spatial_scale, int64_t binning, int64_t deterministic) {
   const char* op = "jax_roi roi_pool backward (CUDA)";
+  auto exec = JAX_ROI_MAKE_EXEC();
   ffi::DataType dtype;
   int64_t K;
   if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &K); err.failure()) return err;
@@ -370,7 +434,7 @@ ffi::Error RoiPoolBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi:
   }
   const bool trivial = K == 0 || C == 0 || B <= 0 || H <= 0 || W <= 0;
   if (!det || trivial) {
-    if (auto err = MemsetAsync(op, d_features->untyped_data(), d_features->size_bytes(), stream); err.failure()) {
+    if (auto err = exec.zero(op, d_features->untyped_data(), d_features->size_bytes()); err.failure()) {
       return err;
     }
   }
@@ -382,23 +446,22 @@ ffi::Error RoiPoolBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi:
     args.grad = static_cast<typename AccOf<S>::type*>(d_features->untyped_data());
     args.out_batch = out_batch;
     if (det) {
-      LaunchPoolGather<S>(args, stream);
+      LaunchPoolGather<S>(exec, args);
     } else {
-      LaunchPoolV<S, true>(args, stream);
+      LaunchPool<S, true>(exec, args);
     }
   });
-  return LaunchStatus(op);
+  return exec.status(op);
 }
 
 }  // namespace
-}  // namespace cuda
+}  // namespace JAX_ROI_CUDA_NS
 }  // namespace jax_roi
 
 namespace ffi = xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiPoolForwardCuda, jax_roi::cuda::RoiPoolForwardCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JAX_ROI_HANDLER_NAME(JaxRoiPoolForward), jax_roi::JAX_ROI_CUDA_NS::RoiPoolForwardImpl,
+                              JAX_ROI_BIND()
                                   .Arg<ffi::AnyBuffer>()  // rois [K, 5]
                                   .Arg<ffi::AnyBuffer>()  // features [B, H, W, C]
                                   .Ret<ffi::AnyBuffer>()  // [K, oh, ow, C]
@@ -406,9 +469,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiPoolForwardCuda, jax_roi::cuda::RoiPoolForwa
                                   .Attr<int64_t>("binning"),
                               {ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiPoolBackwardCuda, jax_roi::cuda::RoiPoolBackwardCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JAX_ROI_HANDLER_NAME(JaxRoiPoolBackward), jax_roi::JAX_ROI_CUDA_NS::RoiPoolBackwardImpl,
+                              JAX_ROI_BIND()
                                   .Arg<ffi::AnyBuffer>()  // cotangent [K, oh, ow, C]
                                   .Arg<ffi::AnyBuffer>()  // rois [K, 5]
                                   .Arg<ffi::AnyBuffer>()  // features [B, H, W, C]
