@@ -1,4 +1,4 @@
-"""Float64 NumPy oracle for the jax_roi ops, written as plain loops from SEMANTICS.md.
+"""Float64 NumPy oracle for the jax_roi ops, written as plain loops from the docs.
 
 Clarity over speed: every box, bin and sample is visited by a Python loop; only the
 channel axis is vectorised.  Values, weights and gradients are float64 whatever the input
@@ -10,8 +10,7 @@ in input-image pixels; outputs ``[K, oh, ow, C]``.
 Public API
 ----------
 roi_align_ref(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
-              aligned=True, reduction="avg", quantize=False, adaptive_cap=True,
-              coord_dtype=np.float64)
+              aligned=True, reduction="avg", quantize=False, coord_dtype=np.float64)
 roi_align_ref_vjp(features, rois, output_size, cotangent, <same options>)
     -> (d_features [B,H,W,C], d_rois [K,5])
 roi_pool_ref(features, rois, output_size, spatial_scale=1.0, binning="caffe",
@@ -21,20 +20,23 @@ roi_pool_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0,
 fpn_level_ref(boxes_xyxy, canonical_scale=224, canonical_level=4, k_min=2, k_max=5)
 multiscale_roi_align_ref(levels, rois, output_size, spatial_scales, sampling_ratio=-1,
                          aligned=False, canonical_scale=224, canonical_level=4,
-                         adaptive_cap=True, coord_dtype=np.float64)
+                         coord_dtype=np.float64)
 round_half_away(v): C's std::round (halves away from zero), exact.
 align_sample_coords(...): test helper, the raw sample coordinates of each roi.
-POOL_EXAMPLE_MAP (alias RAMP_POOL_MAP): the seed document's 8x8 RoIPool map, [y, x].
+POOL_EXAMPLE_MAP (alias RAMP_POOL_MAP): the docs' 8x8 RoIPool example map, [y, x].
 RAMP_MAP: the 5x5 ramp f[y, x] = 10*y + x of the roi_align worked example.
 
 Conventions the contract leaves open, fixed here
 ------------------------------------------------
-* ``adaptive_cap`` (default True, as SEMANTICS.md) caps only the *adaptive* count
-  (sampling_ratio <= 0) at ceil(H/oh) / ceil(W/ow); an explicit sampling_ratio > 0 is never
-  capped (torchvision uses it as given, see the golden data).  ``adaptive_cap=False`` is
-  torchvision 0.29 exactly (it has no cap); the two differ only on boxes larger than the map.
+* Sample counts: no cap, as torchvision 0.29: a fixed sampling_ratio s > 0 gives s samples
+  per bin side, adaptive mode g = ceil(bin).  When g exceeds the window M = 2*size + 6
+  (size = H for y, W for x) only the M consecutive samples from index
+  i0 = clip(floor((-1 - a)/d - 0.5) - 1, 0, g - M) are visited (a = the bin's start,
+  d = bin/g): they hold every sample inside [-1, size], the only ones that contribute, so
+  absurd boxes stay bounded.  The kernels and the pure-JAX path visit the same window with
+  the same coordinate operations (``_AxisSamples``); in float64 it changes nothing.
 * ``coord_dtype``: box/sample coordinates are float64 by default (the oracle);
-  ``np.float32`` reproduces the float32 coordinate path SEMANTICS.md prescribes for
+  ``np.float32`` reproduces the float32 coordinate path the docs prescribe for
   float32 features (and torchvision's CPU kernel), which matters only for a sample within
   rounding of a validity/clamp boundary (e.g. x == W exactly in float32 but W + 4e-15 in
   float64).  Values and gradients are always accumulated in float64.
@@ -67,7 +69,7 @@ __all__ = [
     "multiscale_roi_align_ref",
 ]
 
-# The seed document's 8x8 RoIPool map; row index is y, column index is x.
+# The docs' 8x8 RoIPool example map; row index is y, column index is x.
 POOL_EXAMPLE_MAP = np.array(
     [
         [0.88, 0.44, 0.14, 0.16, 0.37, 0.77, 0.96, 0.27],
@@ -82,7 +84,7 @@ POOL_EXAMPLE_MAP = np.array(
     dtype=np.float64,
 )
 POOL_EXAMPLE_MAP.setflags(write=False)
-RAMP_POOL_MAP = POOL_EXAMPLE_MAP  # alias (the brief used both names)
+RAMP_POOL_MAP = POOL_EXAMPLE_MAP  # alias (both names are in use)
 
 # The roi_align worked example's ramp map f[y, x] = 10*y + x (5x5).
 RAMP_MAP = (10.0 * np.arange(5)[:, None] + np.arange(5)[None, :]).astype(np.float64)
@@ -160,16 +162,77 @@ def _axis_bilinear(c, size):
     return True, i0, i1, c - i0, dl
 
 
+def adaptive_window(size):
+    """Samples visited per bin side once an adaptive bin holds more (2*size + 6)."""
+    return 2 * int(size) + 6
+
+
+class _AxisSamples:
+    """One axis of one box: torchvision's sample count and the samples the kernels visit.
+
+    ``g`` is the bin's sample count as a Python int (0: none; astronomically large for an
+    absurd box), ``g_f`` the divisor ``max(g, 1)`` in ``T``.  ``n`` samples are visited per
+    bin: all ``g``, or when ``g`` exceeds ``adaptive_window(size)`` the window of that many
+    starting at ``first(p)``, which holds every sample inside [-1, size].
+    """
+
+    def __init__(self, T, start, bin_, size, sampling_ratio):
+        self.T, self.start, self.bin, self.size = T, start, bin_, size
+        self.windowed = False
+        if sampling_ratio > 0:
+            self.g = int(sampling_ratio)
+            self.g_f = T(self.g)
+            self.n = self.g
+            return
+        gf = T(np.ceil(bin_))
+        if not np.isfinite(gf) or not gf > 0:
+            self.g, self.g_f, self.n = 0, T(1), 0
+            return
+        self.g = int(gf)
+        self.g_f = T(max(gf, T(1)))
+        m = adaptive_window(size)
+        if gf <= T(m):
+            self.n = self.g
+        else:
+            self.n = m
+            self.windowed = True
+
+    def first(self, p):
+        """Index (a T value) of the first visited sample of bin p, as the kernels place it."""
+        T = self.T
+        if not self.windowed:
+            return T(0)
+        d = T(self.bin / self.g_f)
+        a = T(self.start + T(p) * self.bin)
+        first = T(np.floor(T(T(T(-1) - a) / d) - T(0.5)) - T(1))
+        return T(min(max(first, T(0)), T(self.g_f - T(self.n))))
+
+    def indices(self, p):
+        """The visited sample indices of bin p, as T values."""
+        T = self.T
+        i0 = self.first(p)
+        return [T(i0 + T(m)) for m in range(self.n)]
+
+    def pos(self, p, i):
+        """Raw coordinate of sample i (a T value or int) of bin p."""
+        T = self.T
+        return float(T(self.start + T(p) * self.bin) + T(T(T(i) + T(0.5)) * self.bin) / self.g_f)
+
+    def dpos_dbin(self, p, i):
+        return p + (float(i) + 0.5) / float(self.g_f)
+
+
 class _AlignBox:
     """Per-box geometry of roi_align (both axes), with its derivatives.
 
     The coordinates (sx, sy, rw, rh, bw, bh, the adaptive counts and every sample
     coordinate) are computed in ``coord_dtype`` in torchvision's order of operations;
-    the derivatives are float64.
+    the derivatives are float64.  ``gy`` / ``gx`` are torchvision's per-bin sample counts
+    (0: none); ``ys(ph)`` / ``xs(pw)`` the sample indices visited.
     """
 
     def __init__(self, roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned, quantize,
-                 adaptive_cap, coord_dtype=np.float64):
+                 coord_dtype=np.float64):
         T = np.dtype(coord_dtype).type
         self.T = T
         s = T(spatial_scale)
@@ -198,34 +261,34 @@ class _AlignBox:
         self.rw, self.rh = rw, rh
         self.bw = rw / T(ow)
         self.bh = rh / T(oh)
-        if sampling_ratio > 0:
-            gx = gy = int(sampling_ratio)
-        else:
-            gx = int(math.ceil(rw / T(ow)))
-            gy = int(math.ceil(rh / T(oh)))
-            if adaptive_cap:
-                gx = min(gx, int(math.ceil(W / ow)))
-                gy = min(gy, int(math.ceil(H / oh)))
-        self.gx, self.gy = gx, gy
-        self.count = max(gy * gx, 1)
+        self.ay = _AxisSamples(T, self.sy, self.bh, H, sampling_ratio)
+        self.ax = _AxisSamples(T, self.sx, self.bw, W, sampling_ratio)
+        self.gy, self.gx = self.ay.g, self.ax.g
+        # The average's divisor max(gy*gx, 1), in float64 from the per-axis counts (never
+        # an int overflow, finite for an absurd box).
+        self.count = float(self.ay.g_f) * float(self.ax.g_f)
         self.s = s64
         self.oh, self.ow = oh, ow
 
+    def ys(self, ph):
+        return self.ay.indices(ph)
+
+    def xs(self, pw):
+        return self.ax.indices(pw)
+
     def y(self, ph, iy):
-        T = self.T
-        return float(self.sy + T(ph) * self.bh + T(iy + 0.5) * self.bh / T(self.gy))
+        return self.ay.pos(ph, iy)
 
     def x(self, pw, ix):
-        T = self.T
-        return float(self.sx + T(pw) * self.bw + T(ix + 0.5) * self.bw / T(self.gx))
+        return self.ax.pos(pw, ix)
 
     def dy(self, ph, iy):
         """(dy/dy1, dy/dy2) of the raw sample coordinate."""
-        t = ph + (iy + 0.5) / self.gy
+        t = self.ay.dpos_dbin(ph, iy)
         return self.s - t * self.drh / self.oh, t * self.drh / self.oh
 
     def dx(self, pw, ix):
-        t = pw + (ix + 0.5) / self.gx
+        t = self.ax.dpos_dbin(pw, ix)
         return self.s - t * self.drw / self.ow, t * self.drw / self.ow
 
 
@@ -257,7 +320,7 @@ def _check_reduction(reduction):
 
 
 def _align_core(features, rois, output_size, cotangent, spatial_scale, sampling_ratio,
-                aligned, reduction, quantize, adaptive_cap, coord_dtype):
+                aligned, reduction, quantize, coord_dtype):
     f = _as_features(features)
     r = _as_rois(rois)
     _check_reduction(reduction)
@@ -276,7 +339,7 @@ def _align_core(features, rois, output_size, cotangent, spatial_scale, sampling_
             continue
         fb = f[b]
         box = _AlignBox(r[k], H, W, oh, ow, spatial_scale, sampling_ratio, aligned,
-                        quantize, adaptive_cap, coord_dtype)
+                        quantize, coord_dtype)
         for ph in range(oh):
             for pw in range(ow):
                 g = g_all[k, ph, pw] if want_grad else None
@@ -284,9 +347,9 @@ def _align_core(features, rois, output_size, cotangent, spatial_scale, sampling_
                     continue  # no samples: the bin is 0 and gets no gradient
                 if reduction == "avg":
                     acc = np.zeros(C)
-                    for iy in range(box.gy):
+                    for iy in box.ys(ph):
                         y = box.y(ph, iy)
-                        for ix in range(box.gx):
+                        for ix in box.xs(pw):
                             x = box.x(pw, ix)
                             v, taps, dvy, dvx = _sample(fb, H, W, y, x)
                             acc += v
@@ -306,9 +369,9 @@ def _align_core(features, rois, output_size, cotangent, spatial_scale, sampling_
                 else:  # max, per channel; first winner in (iy, ix) row-major order
                     best = np.full(C, -np.inf)
                     win = [None] * C  # per channel: (taps, dvy, dvx, iy, ix) or None
-                    for iy in range(box.gy):
+                    for iy in box.ys(ph):
                         y = box.y(ph, iy)
-                        for ix in range(box.gx):
+                        for ix in box.xs(pw):
                             x = box.x(pw, ix)
                             v, taps, dvy, dvx = _sample(fb, H, W, y, x)
                             for c in range(C):
@@ -340,28 +403,26 @@ def _align_core(features, rois, output_size, cotangent, spatial_scale, sampling_
 
 
 def roi_align_ref(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                  aligned=True, reduction="avg", quantize=False, adaptive_cap=True,
-                  coord_dtype=np.float64):
+                  aligned=True, reduction="avg", quantize=False, coord_dtype=np.float64):
     """RoIAlign (or RoIWarp with ``quantize=True``) -> [K, oh, ow, C] float64.
 
     ``coord_dtype=np.float32`` computes the box and sample coordinates in float32, as
-    SEMANTICS.md prescribes for float32 features (and torchvision does); it only matters
+    the docs prescribe for float32 features (and torchvision does); it only matters
     where a sample sits within rounding of a validity / clamp boundary."""
     return _align_core(features, rois, output_size, None, spatial_scale, sampling_ratio,
-                       aligned, reduction, quantize, adaptive_cap, coord_dtype)
+                       aligned, reduction, quantize, coord_dtype)
 
 
 def roi_align_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0,
                       sampling_ratio=-1, aligned=True, reduction="avg", quantize=False,
-                      adaptive_cap=True, coord_dtype=np.float64):
+                      coord_dtype=np.float64):
     """Returns (d_features [B,H,W,C], d_rois [K,5]) for the cotangent [K,oh,ow,C]."""
     return _align_core(features, rois, output_size, cotangent, spatial_scale,
-                       sampling_ratio, aligned, reduction, quantize, adaptive_cap,
-                       coord_dtype)
+                       sampling_ratio, aligned, reduction, quantize, coord_dtype)
 
 
 def align_sample_coords(rois, feature_hw, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                        aligned=True, quantize=False, adaptive_cap=True):
+                        aligned=True, quantize=False):
     """Test helper: per roi, (ys, xs, box) with every raw sample coordinate (None for rows
     that give zero).  Used to keep finite-difference checks away from kinks."""
     H, W = feature_hw
@@ -371,10 +432,9 @@ def align_sample_coords(rois, feature_hw, output_size, spatial_scale=1.0, sampli
         if not np.all(np.isfinite(roi[1:])):
             res.append(None)
             continue
-        box = _AlignBox(roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned, quantize,
-                        adaptive_cap)
-        ys = [box.y(ph, iy) for ph in range(oh) for iy in range(max(box.gy, 0))]
-        xs = [box.x(pw, ix) for pw in range(ow) for ix in range(max(box.gx, 0))]
+        box = _AlignBox(roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned, quantize)
+        ys = [box.y(ph, iy) for ph in range(oh) for iy in box.ys(ph)]
+        xs = [box.x(pw, ix) for pw in range(ow) for ix in box.xs(pw)]
         res.append((np.array(ys), np.array(xs), box))
     return res
 
@@ -486,7 +546,7 @@ def fpn_level_ref(boxes_xyxy, canonical_scale=224, canonical_level=4, k_min=2, k
 
 def multiscale_roi_align_ref(levels, rois, output_size, spatial_scales, sampling_ratio=-1,
                              aligned=False, canonical_scale=224, canonical_level=4,
-                             adaptive_cap=True, coord_dtype=np.float64):
+                             coord_dtype=np.float64):
     """torchvision's MultiScaleRoIAlign: each roi is roi_aligned on its FPN level only.
 
     levels: list of NHWC [B, Hi, Wi, C] maps, finest first; spatial_scales: their scales
@@ -510,5 +570,5 @@ def multiscale_roi_align_ref(levels, rois, output_size, spatial_scales, sampling
         out[k] = roi_align_ref(levels[li], r[k:k + 1], (oh, ow),
                                spatial_scale=spatial_scales[li],
                                sampling_ratio=sampling_ratio, aligned=aligned,
-                               adaptive_cap=adaptive_cap, coord_dtype=coord_dtype)[0]
+                               coord_dtype=coord_dtype)[0]
     return out

@@ -1,5 +1,5 @@
 """roi_align and roi_warp on every built implementation, against the float64 oracle
-(tests/reference.py), torchvision's golden data, and the seed documents' worked examples."""
+(tests/reference.py), torchvision's golden data, and the docs' worked examples."""
 
 import functools
 

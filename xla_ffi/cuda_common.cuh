@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cuda/device_ops.h"
+#include "roi_limits.h"
 #include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -183,9 +184,8 @@ ROI_HDI int block_compact(const Block& blk, const PerThread<Block, int>& flag, P
 }
 
 // ---------------------------------------------------------------------------------------
-// Feature levels, passed to the kernels by value.
+// Feature levels, passed to the kernels by value (at most kMaxLevels, roi_limits.h).
 // ---------------------------------------------------------------------------------------
-constexpr int kMaxLevels = 32;
 
 struct Levels {
   int num;
@@ -251,13 +251,19 @@ ROI_HDI AlignRoi<T> resolve_align(const Levels& lv, const AlignAttrs& at, const 
 // Rows (or columns) [*lo, *hi] that the taps of any sample of this axis can touch, with a
 // margin of one cell for rounding; false when none can. Sample positions are monotone in
 // (bin, sample) up to rounding, so the first and last samples bound them; when the box is
-// so large that rounding could exceed a cell (|coordinates| > 2^20), the whole axis.
+// so large that rounding could exceed a cell (|coordinates| > 2^20), or the bins visit a
+// window of their samples (a box over twice the map), the whole axis.
 template <typename T>
 ROI_HD inline bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo,
                                                int* hi) {
   if (count <= 0 || size <= 0) return false;
-  const T p0 = sample_position(g, 0, 0);
-  const T p1 = sample_position(g, bins - 1, count - 1);
+  if (g.windowed) {
+    *lo = 0;
+    *hi = static_cast<int>(size - 1);
+    return true;
+  }
+  const T p0 = sample_position(g, 0, T(0), 0);
+  const T p1 = sample_position(g, bins - 1, T(0), count - 1);
   T a = p0 < p1 ? p0 : p1;
   T b = p0 < p1 ? p1 : p0;
   const T big = T(1048576);
@@ -432,6 +438,11 @@ inline ffi::Error DecodeAlign(const char* op, const ffi::AnyBuffer& rois, const 
   if (scales.size() != L) {
     return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" + std::to_string(L) +
                    "), got " + std::to_string(scales.size()));
+  }
+  if (sampling_ratio > kMaxSamplingRatio) {
+    // Each thread visits sampling_ratio^2 samples per bin: an unbounded value stalls the GPU.
+    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
+                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
   }
   if (reduction != 0 && reduction != 1) {
     return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));

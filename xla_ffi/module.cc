@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu_targets.h"
+#include "roi_limits.h"
 
 // The CUDA kernels built by the host compiler (xla_ffi/cuda/emulated_*.cc): CPU handlers.
 extern "C" {
@@ -74,6 +75,15 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCudaEmulated);
     return d;
   });
+  // The attribute limits every handler checks (roi_limits.h), so that Python's own checks
+  // can be tested against them.
+  {
+    py::dict limits;
+    limits["max_sampling_ratio"] = jax_roi::kMaxSamplingRatio;
+    limits["max_levels"] = jax_roi::kMaxLevels;
+    limits["max_deterministic_rois"] = jax_roi::kMaxDeterministicRois;
+    m.attr("limits") = limits;
+  }
   // Bumped whenever a target's operands or attributes change; the Python side checks it.
   m.attr("abi_version") = 1;
 }

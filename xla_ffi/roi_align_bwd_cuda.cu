@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
       A* dimg = static_cast<A*>(lv.grad[r.l]) + r.b * H * W * C;
       for (int64_t bin = g0 + threadIdx.y; bin < bin_end; bin += blockDim.y) {
         const int64_t ph = bin / ow, pw = bin % ow;
+        const A y0 = window_start(r.gy, ph), x0 = window_start(r.gx, pw);  // first visited samples
         const S* __restrict__ gk = args.cot + (k * bins + bin) * C;
         for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
           const int64_t c = cv * V;
@@ -70,11 +71,11 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
           load_vec<S, V>(gk + c, g);
           if constexpr (!kMax) {
             for (int iy = 0; iy < r.cy; ++iy) {
-              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
+              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), H, true, r.ny);
               if (a.w_lo == A(0) && a.w_hi == A(0)) continue;  // invalid sample: no value, no gradient
               const int64_t row_lo = static_cast<int64_t>(a.lo) * W, row_hi = static_cast<int64_t>(a.hi) * W;
               for (int ix = 0; ix < r.cx; ++ix) {
-                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), W, true, r.nx);
                 if (e.w_lo == A(0) && e.w_hi == A(0)) continue;
                 const int64_t o_ll = (row_lo + e.lo) * C + c, o_lh = (row_lo + e.hi) * C + c;
                 const int64_t o_hl = (row_hi + e.lo) * C + c, o_hh = (row_hi + e.hi) * C + c;
@@ -108,8 +109,8 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
                   const A sy = a.dw * (e.w_lo * (d_hl - d_ll) + e.w_hi * (d_hh - d_lh));
                   const A sx = e.dw * (a.w_lo * (d_lh - d_ll) + a.w_hi * (d_hh - d_hl));
                   A y1, y2, x1, x2;
-                  sample_position_grad(r.gy, ph, iy, oh, &y1, &y2);
-                  sample_position_grad(r.gx, pw, ix, ow, &x1, &x2);
+                  sample_position_grad(r.gy, ph, y0, iy, oh, &y1, &y2);
+                  sample_position_grad(r.gx, pw, x0, ix, ow, &x1, &x2);
                   s_y1 += static_cast<double>(sy) * static_cast<double>(y1);
                   s_y2 += static_cast<double>(sy) * static_cast<double>(y2);
                   s_x1 += static_cast<double>(sx) * static_cast<double>(x1);
@@ -128,10 +129,10 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
               arg[j] = -1;
             }
             for (int iy = 0; iy < r.cy; ++iy) {
-              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
+              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), H, true, r.ny);
               const int64_t row_lo = static_cast<int64_t>(a.lo) * W, row_hi = static_cast<int64_t>(a.hi) * W;
               for (int ix = 0; ix < r.cx; ++ix) {
-                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), W, true, r.nx);
                 const A w_ll = a.w_lo * e.w_lo, w_lh = a.w_lo * e.w_hi;
                 const A w_hl = a.w_hi * e.w_lo, w_hh = a.w_hi * e.w_hi;
                 A f_ll[V], f_lh[V], f_hl[V], f_hh[V];
@@ -157,8 +158,8 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
             for (int j = 0; j < V; ++j) {
               if (arg[j] < 0) continue;
               const int iy = arg[j] / r.cx, ix = arg[j] % r.cx;
-              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
-              const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+              const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), H, true, r.ny);
+              const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), W, true, r.nx);
               const A gc = g[j];
               const int64_t o_ll = (static_cast<int64_t>(a.lo) * W + e.lo) * C + c + j;
               const int64_t o_lh = (static_cast<int64_t>(a.lo) * W + e.hi) * C + c + j;
@@ -176,8 +177,8 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
                 const A sy = gc * a.dw * (e.w_lo * (f_hl - f_ll) + e.w_hi * (f_hh - f_lh));
                 const A sx = gc * e.dw * (a.w_lo * (f_lh - f_ll) + a.w_hi * (f_hh - f_hl));
                 A y1, y2, x1, x2;
-                sample_position_grad(r.gy, ph, iy, oh, &y1, &y2);
-                sample_position_grad(r.gx, pw, ix, ow, &x1, &x2);
+                sample_position_grad(r.gy, ph, y0, iy, oh, &y1, &y2);
+                sample_position_grad(r.gx, pw, x0, ix, ow, &x1, &x2);
                 s_y1 += static_cast<double>(sy) * static_cast<double>(y1);
                 s_y2 += static_cast<double>(sy) * static_cast<double>(y2);
                 s_x1 += static_cast<double>(sx) * static_cast<double>(x1);
@@ -234,8 +235,9 @@ struct TileSample {
 template <typename A>
 __device__ __forceinline__ bool tile_sample(const AxisGeom<A>& g, int count, int64_t s, int64_t size, A norm,
                                             int t0, int t1, TileSample<A>* out) {
-  const int64_t p = s / count, i = s % count;
-  const Tap<A> a = bilinear_tap(sample_position(g, p, i), size, true, norm);
+  const int64_t p = s / count;
+  const int i = static_cast<int>(s % count);
+  const Tap<A> a = bilinear_tap(sample_position(g, p, window_start(g, p), i), size, true, norm);
   const bool lo_in = a.w_lo != A(0) && a.lo >= t0 && a.lo < t1;
   const bool hi_in = a.w_hi != A(0) && a.hi >= t0 && a.hi < t1;
   out->bin = static_cast<int>(p);
@@ -251,8 +253,9 @@ __device__ __forceinline__ bool tile_sample(const AxisGeom<A>& g, int count, int
 template <typename A>
 __device__ __forceinline__ bool bin_touches(const AxisGeom<A>& g, int count, int64_t p, int64_t size, A norm, int t0,
                                             int t1) {
+  const A i0 = window_start(g, p);
   for (int i = 0; i < count; ++i) {
-    const Tap<A> a = bilinear_tap(sample_position(g, p, i), size, true, norm);
+    const Tap<A> a = bilinear_tap(sample_position(g, p, i0, i), size, true, norm);
     if ((a.lo >= t0 && a.lo < t1) || (a.hi >= t0 && a.hi < t1)) return true;
   }
   return false;
@@ -359,14 +362,16 @@ __global__ void __launch_bounds__(128) AlignGatherKernel(const AlignBwdArgs<S> a
             const int64_t Hh = r.H, Ww = r.W;
             for (int64_t ph = 0; ph < oh; ++ph) {
               if (!bin_touches(r.gy, r.cy, ph, Hh, r.ny, r0, r1)) continue;
+              const A y0 = window_start(r.gy, ph);
               for (int64_t pw = 0; pw < ow; ++pw) {
                 if (!bin_touches(r.gx, r.cx, pw, Ww, r.nx, c0, c1)) continue;
+                const A x0 = window_start(r.gx, pw);
                 A best = neg_infinity<A>();
                 int arg = -1;
                 for (int iy = 0; iy < r.cy; ++iy) {
-                  const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), Hh, true, r.ny);
+                  const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), Hh, true, r.ny);
                   for (int ix = 0; ix < r.cx; ++ix) {
-                    const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), Ww, true, r.nx);
+                    const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), Ww, true, r.nx);
                     A v = (a.w_lo * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.lo) * C + c]);
                     v = v + (a.w_lo * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.hi) * C + c]);
                     v = v + (a.w_hi * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.lo) * C + c]);
@@ -378,8 +383,8 @@ __global__ void __launch_bounds__(128) AlignGatherKernel(const AlignBwdArgs<S> a
                   }
                 }
                 if (arg < 0) continue;
-                const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, arg / r.cx), Hh, true, r.ny);
-                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, arg % r.cx), Ww, true, r.nx);
+                const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, arg / r.cx), Hh, true, r.ny);
+                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, arg % r.cx), Ww, true, r.nx);
                 const A gc = to_acc(gk[(ph * ow + pw) * C]);
                 const int rows[2] = {a.lo, a.hi}, cols[2] = {e.lo, e.hi};
                 const A wy[2] = {a.w_lo, a.w_hi}, wx[2] = {e.w_lo, e.w_hi};
@@ -511,8 +516,9 @@ ffi::Error RoiAlignBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi
   }
   lv.out_batch = out_batch;
   const bool det = deterministic != 0;
-  if (det && K > 0x7fffffff) {
-    return Invalid(std::string(op) + ": deterministic: supports at most 2^31 - 1 rois, got " + std::to_string(K));
+  if (det && K > kMaxDeterministicRois) {
+    return Invalid(std::string(op) + ": deterministic: supports at most " + std::to_string(kMaxDeterministicRois) +
+                   " rois, got " + std::to_string(K));
   }
   const bool want_rois = rois_grad != 0;
   const bool trivial = K == 0 || C == 0 || lv.batch == 0;

@@ -15,13 +15,11 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "roi_limits.h"
 
 namespace jax_roi {
 namespace cpu {
 namespace {
-
-constexpr int64_t kMaxLevels = 32;
-constexpr int64_t kMaxSamplingRatio = 1024;
 
 struct AlignConfig {
   int64_t oh = 1, ow = 1, channels = 0;
@@ -32,23 +30,26 @@ struct AlignConfig {
   int64_t num_rois = 0;
 };
 
-// Taps of one axis of one box: per sample ([bins][bound]), and merged by row per bin.
+// Taps of one axis of one box: per visited sample ([bins][bound]), and merged by row per
+// bin ([bins][mstride]).
 template <typename T>
 struct AxisTable {
-  int bound = 0;
-  int count = 0;  // samples per bin that exist (>= 0)
+  int bound = 1;    // table stride per bin: max(count, 1)
+  int count = 0;    // samples visited per bin (>= 0), the same for every bin
+  int mstride = 1;  // merged-table stride per bin: distinct rows, at most min(2*count, size)
+  int m_max = 0;    // the most distinct rows of any bin
   std::vector<Tap<T>> taps;
   std::vector<T> d_c1, d_c2;  // d(position)/d(c1), d(position)/d(c2) per sample
   std::vector<int> m_n;       // distinct rows per bin
-  std::vector<int> m_idx;     // [bins][2*bound]
+  std::vector<int> m_idx;     // [bins][mstride]
   std::vector<T> m_w;
 
   void Build(T c1, T c2, T scale, int64_t bins, int64_t size, const AlignConfig& cfg, bool normalize,
              bool merge, bool grads) {
-    bound = sample_bound(cfg.sampling_ratio, size, bins);
     const AxisGeom<T> g =
         axis_geometry<T>(c1, c2, scale, bins, size, cfg.sampling_ratio, cfg.aligned, cfg.quantize);
     count = g.count > 0 ? g.count : 0;
+    bound = count > 1 ? count : 1;
     const T norm = normalize ? T(1) / g.count_f : T(1);
     const size_t n = static_cast<size_t>(bins) * bound;
     if (taps.size() < n) taps.resize(n);
@@ -59,19 +60,24 @@ struct AxisTable {
       }
     }
     for (int64_t p = 0; p < bins; ++p) {
-      for (int i = 0; i < count; ++i) {
-        const T pos = sample_position(g, p, i);
-        taps[p * bound + i] = bilinear_tap(pos, size, true, norm);
-        if (grads) sample_position_grad(g, p, i, bins, &d_c1[p * bound + i], &d_c2[p * bound + i]);
+      const T i0 = window_start(g, p);
+      for (int m = 0; m < count; ++m) {
+        const T pos = sample_position(g, p, i0, m);
+        taps[p * bound + m] = bilinear_tap(pos, size, true, norm);
+        if (grads) sample_position_grad(g, p, i0, m, bins, &d_c1[p * bound + m], &d_c2[p * bound + m]);
       }
     }
     if (!merge) return;
-    const size_t per_bin = 2 * static_cast<size_t>(bound);
+    // Merged taps are distinct rows of [0, size): never more than size per bin.
+    const int64_t rows_cap = 2 * static_cast<int64_t>(bound) < size ? 2 * static_cast<int64_t>(bound) : size;
+    mstride = static_cast<int>(rows_cap > 1 ? rows_cap : 1);
+    const size_t per_bin = static_cast<size_t>(mstride);
     if (m_idx.size() < bins * per_bin) {
       m_idx.resize(bins * per_bin);
       m_w.resize(bins * per_bin);
     }
     if (m_n.size() < static_cast<size_t>(bins)) m_n.resize(bins);
+    m_max = 0;
     for (int64_t p = 0; p < bins; ++p) {
       int* idx = &m_idx[p * per_bin];
       T* w = &m_w[p * per_bin];
@@ -94,6 +100,7 @@ struct AxisTable {
         }
       }
       m_n[p] = nt;
+      if (nt > m_max) m_max = nt;
     }
   }
 };
@@ -120,10 +127,11 @@ inline bool ResolveRoi(const AlignConfig& cfg, const T* roi, const int32_t* leve
 template <typename S, typename A>
 void AvgBox(const AxisTable<A>& ty, const AxisTable<A>& tx, const S* img, int64_t W, int64_t C, int64_t oh,
             int64_t ow, S* out, std::vector<int64_t>* off_buf, std::vector<A>* w_buf) {
-  const size_t py = 2 * static_cast<size_t>(ty.bound), px = 2 * static_cast<size_t>(tx.bound);
-  if (off_buf->size() < py * px) {
-    off_buf->resize(py * px);
-    w_buf->resize(py * px);
+  const size_t py = ty.mstride, px = tx.mstride;
+  const size_t pairs = static_cast<size_t>(ty.m_max) * tx.m_max;
+  if (off_buf->size() < pairs) {
+    off_buf->resize(pairs);
+    w_buf->resize(pairs);
   }
   int64_t* off = off_buf->data();
   A* w = w_buf->data();
@@ -273,11 +281,12 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
           gp = g.data();
         }
         if (avg) {
-          const size_t py = 2 * static_cast<size_t>(ty.bound), px = 2 * static_cast<size_t>(tx.bound);
+          const size_t py = ty.mstride, px = tx.mstride;
           const int ny = ty.m_n[ph], nx = tx.m_n[pw];
-          if (off.size() < py * px) {
-            off.resize(py * px);
-            w.resize(py * px);
+          const size_t pairs = static_cast<size_t>(ny) * nx;
+          if (off.size() < pairs) {
+            off.resize(pairs);
+            w.resize(pairs);
           }
           int n = 0;
           for (int a = 0; a < ny; ++a) {

@@ -50,17 +50,18 @@ __global__ void __launch_bounds__(256) AlignForwardKernel(const AlignFwdArgs<S> 
     }
     const int64_t H = r.H, W = r.W;
     const S* __restrict__ img = static_cast<const S*>(args.lv.data[r.l]) + r.b * H * W * C;
+    const A y0 = window_start(r.gy, ph), x0 = window_start(r.gx, pw);  // first visited samples
     for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
       const int64_t c = cv * V;
       A acc[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] = kMax ? neg_infinity<A>() : A(0);
       for (int iy = 0; iy < r.cy; ++iy) {
-        const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, iy), H, true, r.ny);
+        const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), H, true, r.ny);
         if (!kMax && a.w_lo == A(0) && a.w_hi == A(0)) continue;  // invalid sample: adds nothing
         const int64_t row_lo = static_cast<int64_t>(a.lo) * W, row_hi = static_cast<int64_t>(a.hi) * W;
         for (int ix = 0; ix < r.cx; ++ix) {
-          const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, ix), W, true, r.nx);
+          const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), W, true, r.nx);
           const A w_ll = a.w_lo * e.w_lo, w_lh = a.w_lo * e.w_hi;
           const A w_hl = a.w_hi * e.w_lo, w_hh = a.w_hi * e.w_hi;
           if constexpr (kMax) {

@@ -1,7 +1,7 @@
 // Per-sample arithmetic of RoIAlign / RoIWarp / RoIPool, shared by every kernel.
 //
 // This header is the C++ twin of jax_roi/xla/sampling.py and jax_roi/xla/roi_pool.py and
-// follows SEMANTICS.md to the operation: same formulas, same association of the float
+// follows the docs to the operation: same formulas, same association of the float
 // operations, same clamps. Every function is inline and marked ROI_HD so that a CUDA
 // translation unit can call it from device code; nothing here allocates or uses std::
 // containers. Compile with floating-point contraction off (-ffp-contract=off, nvcc
@@ -31,7 +31,7 @@ ROI_HD inline float roi_floor(float x) { return floorf(x); }
 ROI_HD inline double roi_floor(double x) { return floor(x); }
 ROI_HD inline float roi_ceil(float x) { return ceilf(x); }
 ROI_HD inline double roi_ceil(double x) { return ceil(x); }
-// std::round: half away from zero (jnp.round is half to even; SEMANTICS uses this one).
+// std::round: half away from zero (jnp.round is half to even; the docs use this one).
 ROI_HD inline float roi_round(float x) { return roundf(x); }
 ROI_HD inline double roi_round(double x) { return round(x); }
 
@@ -124,29 +124,30 @@ ROI_HD inline int64_t roi_batch_index(const T* roi, int64_t num_images) {
 // RoIAlign / RoIWarp: per-axis geometry
 // ---------------------------------------------------------------------------------------
 
-// The adaptive sample-count cap ceil(size / bins), at least 1 (SEMANTICS.md).
-ROI_HD inline int adaptive_cap(int64_t size, int64_t bins) {
-  const int64_t c = (size + bins - 1) / bins;
-  return static_cast<int>(c < 1 ? 1 : c);
-}
-
-// The static bound on samples per bin side: the fixed ratio, or the adaptive cap. The cap
-// applies to the adaptive count only; a fixed sampling_ratio is used as given.
-ROI_HD inline int sample_bound(int64_t sampling_ratio, int64_t size, int64_t bins) {
-  return sampling_ratio > 0 ? static_cast<int>(sampling_ratio) : adaptive_cap(size, bins);
-}
+// Adaptive mode has no cap on the per-bin sample count g = ceil(bin) (torchvision has
+// none), so a box far larger than the map would cost g samples per bin, without bound (a
+// 1e30-wide box). Only samples with -1 <= position <= size contribute, and once g exceeds
+// this window size their spacing bin/g is >= 0.5, so at most 2*size + 3 consecutive ones
+// do: a window of this many consecutive samples, placed per bin by window_start, holds
+// every one and bounds the work. (It also always holds an out-of-range sample, whose value
+// 0 the maximum sees, as it would among all g.) The pure-JAX path places the same window with the same float
+// operations.
+ROI_HD inline int64_t adaptive_window(int64_t size) { return 2 * size + 6; }
 
 template <typename T>
 struct AxisGeom {
-  T start;     // where bin 0 begins, in feature pixels
-  T bin;       // bin size
-  int count;   // samples per bin; <= 0: the bin has none
-  T count_f;   // max(count, 1), the divisor of the sample offsets and of the average
-  T d_length;  // d(length)/d(raw length): 0 where the legacy max(length, 1) clamps (length <= 1)
-  T d_coord;   // d(start)/d(c1) = d(end)/d(c2): the spatial scale (0 when quantized)
+  T start;        // where bin 0 begins, in feature pixels
+  T bin;          // bin size
+  int count;      // samples visited per bin (the same for every bin); 0: the bin has none
+  bool windowed;  // count < the bin's samples: a window of them, from window_start(p)
+  T count_f;      // the bin's sample count max(g, 1), in T (it may exceed any int range):
+                  // the divisor of the sample offsets and of the average
+  T d_length;     // d(length)/d(raw length): 0 where the legacy max(length, 1) clamps (length <= 1)
+  T d_coord;      // d(start)/d(c1) = d(end)/d(c2): the spatial scale (0 when quantized)
 };
 
-// Geometry of one axis of a live box spanning [c1, c2] in image pixels.
+// Geometry of one axis of a live box spanning [c1, c2] in image pixels, on an axis of
+// `size` cells split into `bins` bins.
 template <typename T>
 ROI_HD inline AxisGeom<T> axis_geometry(T c1, T c2, T scale, int64_t bins, int64_t size,
                                         int64_t sampling_ratio, bool aligned, bool quantize) {
@@ -171,37 +172,60 @@ ROI_HD inline AxisGeom<T> axis_geometry(T c1, T c2, T scale, int64_t bins, int64
   }
   g.start = start;
   g.bin = length / static_cast<T>(bins);
-  const int bound = sample_bound(sampling_ratio, size, bins);
-  if (sampling_ratio > 0) {
-    g.count = bound;
-  } else {
-    // ceil in float, capped before the cast so that an absurd box cannot overflow.
-    T c = roi_ceil(g.bin);
-    if (!roi_finite(c)) {
-      g.count = 0;
-    } else {
-      if (c > static_cast<T>(bound)) c = static_cast<T>(bound);
-      if (c < T(0)) c = T(0);
-      g.count = static_cast<int>(c);
-    }
+  g.windowed = false;
+  if (sampling_ratio > 0) {  // fixed: used as given (the handlers bound it)
+    g.count = static_cast<int>(sampling_ratio);
+    g.count_f = static_cast<T>(sampling_ratio);
+    return g;
   }
-  g.count_f = static_cast<T>(g.count > 1 ? g.count : 1);
+  // ceil in T, never cast to int unbounded: an absurd box has a count beyond any int.
+  const T gf = roi_ceil(g.bin);
+  if (!roi_finite(gf) || !(gf > T(0))) {  // empty, inverted or overflowing box: no samples
+    g.count = 0;
+    g.count_f = T(1);
+    return g;
+  }
+  g.count_f = gf > T(1) ? gf : T(1);
+  const int64_t window = adaptive_window(size);
+  if (gf <= static_cast<T>(window)) {
+    g.count = static_cast<int>(gf);
+  } else {
+    g.count = static_cast<int>(window);
+    g.windowed = true;
+  }
   return g;
 }
 
-// Position of sample i of bin p, torchvision's association:
-// (start + p*bin) + ((i + 0.5) * bin) / count.
+// The index (as a T) of the first sample of bin p that is visited: 0 unless windowed. The
+// window starts a sample or two before the first one at or past -1, clamped to the bin's
+// samples: floor((-1 - a) / d - 0.5) - 1 with a the bin's start and d the spacing.
 template <typename T>
-ROI_HD inline T sample_position(const AxisGeom<T>& g, int64_t p, int64_t i) {
-  return (g.start + static_cast<T>(p) * g.bin) + ((static_cast<T>(i) + T(0.5)) * g.bin) / g.count_f;
+ROI_HD inline T window_start(const AxisGeom<T>& g, int64_t p) {
+  if (!g.windowed) return T(0);
+  const T d = g.bin / g.count_f;
+  const T a = g.start + static_cast<T>(p) * g.bin;
+  T first = roi_floor((T(-1) - a) / d - T(0.5)) - T(1);
+  const T last = g.count_f - static_cast<T>(g.count);
+  if (!(first > T(0))) first = T(0);
+  if (first > last) first = last;
+  return first;
 }
 
-// d(position)/d(c1) and d(position)/d(c2) of sample i of bin p (counts held constant).
+// Position of visited sample m of bin p, whose window starts at sample i0 (window_start),
+// torchvision's association with the sample index i = i0 + m as a T:
+// (start + p*bin) + ((i + 0.5) * bin) / count.
 template <typename T>
-ROI_HD inline void sample_position_grad(const AxisGeom<T>& g, int64_t p, int64_t i, int64_t bins,
-                                        T* d_c1, T* d_c2) {
-  const T d_bin = (static_cast<T>(p) + (static_cast<T>(i) + T(0.5)) / g.count_f);  // d pos / d bin
-  const T d_len = d_bin * g.d_length / static_cast<T>(bins);                        // d pos / d length
+ROI_HD inline T sample_position(const AxisGeom<T>& g, int64_t p, T i0, int m) {
+  return (g.start + static_cast<T>(p) * g.bin) + (((i0 + static_cast<T>(m)) + T(0.5)) * g.bin) / g.count_f;
+}
+
+// d(position)/d(c1) and d(position)/d(c2) of visited sample m of bin p (the counts and the
+// window start held constant: the sample index is a constant).
+template <typename T>
+ROI_HD inline void sample_position_grad(const AxisGeom<T>& g, int64_t p, T i0, int m, int64_t bins, T* d_c1,
+                                        T* d_c2) {
+  const T d_bin = (static_cast<T>(p) + ((i0 + static_cast<T>(m)) + T(0.5)) / g.count_f);  // d pos / d bin
+  const T d_len = d_bin * g.d_length / static_cast<T>(bins);                                // d pos / d length
   *d_c1 = g.d_coord * (T(1) - d_len);
   *d_c2 = g.d_coord * d_len;
 }

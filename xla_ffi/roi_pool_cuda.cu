@@ -429,8 +429,9 @@ ffi::Error RoiPoolBackwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer cot, ffi::AnyB
                    DtypeName(d_features->element_type()) + " " + ShapeString(dd));
   }
   const bool det = deterministic != 0;
-  if (det && K > 0x7fffffff) {
-    return Invalid(std::string(op) + ": deterministic: supports at most 2^31 - 1 rois, got " + std::to_string(K));
+  if (det && K > kMaxDeterministicRois) {
+    return Invalid(std::string(op) + ": deterministic: supports at most " + std::to_string(kMaxDeterministicRois) +
+                   " rois, got " + std::to_string(K));
   }
   const bool trivial = K == 0 || C == 0 || B <= 0 || H <= 0 || W <= 0;
   if (!det || trivial) {

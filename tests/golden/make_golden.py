@@ -10,9 +10,11 @@ Key naming
 ----------
 Metadata (0-d unicode arrays): ``torch_version``, ``torchvision_version``, ``numpy_version``.
 
-roi_align families ``F`` in ``align`` (B=2, C=3, H=13, W=17) and ``alignsmall`` (B=1,
+roi_align families ``F`` in ``align`` (B=2, C=3, H=13, W=17), ``alignsmall`` (B=1,
 C=2, H=3, W=4: output sizes larger than the map, where a cap on an explicit sampling_ratio
-would show):
+would show) and ``alignlarge`` (B=2, C=3, H=11, W=14: boxes 2x to 4x the map, some crossing
+its edges, adaptive mode only: the per-bin sample count ceil(bin) is far above
+ceil(size / bins), and at 1x1 output above the 2*size + 6 sample window of the kernels):
   ``F_features_{nchw,nhwc}``  float32 features
   ``F_rois``                  [K,5] float32 (batch_index, x1, y1, x2, y2), image pixels
   ``F_box_kind``              [K] str, what each box is meant to exercise
@@ -33,7 +35,7 @@ roi_pool family ``pool`` (features ``align_features_*``):
   ``pool_rois``, ``pool_box_kind``, ``pool_tags``,
   ``pool_params`` [n,3] float64: spatial_scale, oh, ow
   per tag (e.g. ``pool_s1_o3x3``): ``T_out_*``, ``T_cot_*``, ``T_dfeat_*`` as above.
-``poolex_map`` [8,8] (the seed document's map), ``poolex_rois`` [1,5] = (0, 0,3,6,7),
+``poolex_map`` [8,8] (the docs' example map), ``poolex_rois`` [1,5] = (0, 0,3,6,7),
 ``poolex_out`` [2,2]: torchvision.ops.roi_pool on it, 2x2 output.
 
 MultiScaleRoIAlign family ``msra`` (image 128x160 (H, W), B=2, C=3, 4 levels of scales
@@ -126,6 +128,28 @@ def small_boxes():
     return rois, kinds
 
 
+def large_boxes(rng):
+    """Boxes 2x to 4x a 11x14 (H x W) map at scale 1; some centred, some crossing an edge."""
+    H, W = 11.0, 14.0
+    boxes = [
+        ("centred_2x", 0, (-W / 2, -H / 2, 1.5 * W, 1.5 * H)),
+        ("centred_3x", 1, (-W, -H, 2 * W, 2 * H)),
+        ("centred_4x", 0, (-1.5 * W, -1.5 * H, 2.5 * W, 2.5 * H)),
+        ("topleft_2x", 1, (-1.3 * W, -1.1 * H, 0.7 * W, 0.9 * H)),
+        ("bottomright_3x", 0, (0.4 * W, 0.3 * H, 3.4 * W, 3.3 * H)),
+        ("left_edge_4x", 1, (-3.2 * W, -1.4 * H, 0.8 * W, 2.6 * H)),
+        ("wide_4x_2x", 0, (-1.6 * W, -0.4 * H, 2.4 * W, 1.6 * H)),
+        ("tall_2x_4x", 1, (-0.3 * W, -2.7 * H, 1.7 * W, 1.3 * H)),
+    ]
+    for i in range(6):
+        fx, fy = rng.uniform(2, 4), rng.uniform(2, 4)
+        cx, cy = rng.uniform(-0.2 * W, 1.2 * W), rng.uniform(-0.2 * H, 1.2 * H)
+        boxes.append(("random", i % 2, (cx - fx * W / 2, cy - fy * H / 2, cx + fx * W / 2, cy + fy * H / 2)))
+    kinds = np.array([k for k, _, _ in boxes])
+    rois = np.array([[b, *c] for _, b, c in boxes], dtype=np.float32)
+    return rois, kinds
+
+
 def pool_boxes(rng):
     """Boxes for roi_pool on the 13x17 map; many half-pixel coordinates (round-half-away)."""
     boxes = [
@@ -168,11 +192,11 @@ def run_align(d, fam, feats, rois, scales, srs, aligns, sizes, rng):
                     fail = np.zeros(rois.shape[0], dtype=bool)
                     try:
                         out = roi_align(xg, r, (oh, ow), spatial_scale=s, sampling_ratio=sr, aligned=al)
-                    except RuntimeError:
+                    except (RuntimeError, ValueError):  # the error type differs across torch versions
                         for k in range(rois.shape[0]):
                             try:
                                 roi_align(x, r[k:k + 1], (oh, ow), spatial_scale=s, sampling_ratio=sr, aligned=al)
-                            except RuntimeError:
+                            except (RuntimeError, ValueError):
                                 fail[k] = True
                         keep = torch.from_numpy(~fail)
                         out_ok = roi_align(xg, r[keep], (oh, ow), spatial_scale=s, sampling_ratio=sr, aligned=al)
@@ -321,6 +345,17 @@ def main():
     d["msraneg_rois"] = torchvision.ops.poolers._convert_to_roi_format([torch.from_numpy(bneg)]).numpy()
     d["msraneg_out_nchw"] = out
     d["msraneg_out_nhwc"] = nhwc(out)
+
+    # ---- roi_align, boxes larger than the map (own generator: the data above is unchanged)
+    lrng = np.random.default_rng(20261201)
+    lfeats = lrng.standard_normal((2, 3, 11, 14)).astype(np.float32)
+    lrois, lkinds = large_boxes(lrng)
+    d["alignlarge_features_nchw"] = lfeats
+    d["alignlarge_features_nhwc"] = nhwc(lfeats)
+    d["alignlarge_rois"] = lrois
+    d["alignlarge_box_kind"] = lkinds
+    run_align(d, "alignlarge", lfeats, lrois, scales=(1.0, 0.5), srs=(0, -1), aligns=(True, False),
+              sizes=((1, 1), (2, 3), (4, 4)), rng=lrng)
 
     np.savez_compressed(OUT, **d)
     print(f"wrote {OUT}: {len(d)} arrays, {os.path.getsize(OUT)} bytes, torchvision {torchvision.__version__}")
