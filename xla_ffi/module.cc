@@ -10,6 +10,8 @@
 
 // The CUDA kernels built by the host compiler (xla_ffi/cuda/emulated_*.cc): CPU handlers.
 extern "C" {
+XLA_FFI_Error* JaxRoiAlignForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 }
@@ -71,6 +73,8 @@ PYBIND11_MODULE(_ext, m) {
   // "cpu" in place of cpu_targets(). Slow; for tests of the CUDA kernels without a GPU.
   m.def("emulated_cuda_targets", []() {
     py::dict d;
+    d["jax_roi_roi_align_fwd"] = Capsule(JaxRoiAlignForwardCudaEmulated);
+    d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCudaEmulated);
     d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCudaEmulated);
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCudaEmulated);
     return d;

@@ -12,6 +12,11 @@
 // per roi, warp shuffles, then warps in order): deterministic in both modes. In the
 // deterministic mode it runs as the atomic kernel with the feature scatter switched off.
 //
+// Each kernel is a struct whose ROI_HD run() body takes its thread indices from the Block
+// (cuda/device_ops.h); the kernels with barriers are written as phases. PlanScatter and
+// PlanGather compute the launch geometry. The host compiler builds this file too
+// (cuda/emulated_roi_align_bwd.cc) and runs the same bodies for the emulated target.
+//
 // The same operands and attributes as the CPU handler, plus `deterministic` (int64).
 #include <string>
 #include <vector>
@@ -19,7 +24,7 @@
 #include "cuda_common.cuh"
 
 namespace jax_roi {
-namespace cuda {
+namespace JAX_ROI_CUDA_NS {
 namespace {
 
 template <typename S>
@@ -39,33 +44,33 @@ struct AlignBwdArgs {
 
 constexpr int kBwdThreads = 256;
 
+// One thread's share of block-iteration `blk` of the grid-stride loop: its feature
+// scatter, and its partial box gradient s = {x1, y1, x2, y2}.
 template <typename S, int V, bool kMax>
-__global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBwdArgs<S> args) {
+ROI_HD void AlignBackwardThread(const Thread& th, const AlignBwdArgs<S>& args, int64_t blk, double (&s)[4]) {
   using A = typename AccOf<S>::type;
-  __shared__ double red[4][kBwdThreads / 32];
   const AlignAttrs& at = args.at;
   const Levels& lv = args.lv;
   const int64_t oh = at.oh, ow = at.ow, bins = oh * ow;
   const int64_t C = at.channels, CV = C / V;
   const bool do_features = args.do_features != 0, do_rois = args.do_rois != 0;
   // With the box gradient, one block per roi (the reduction stays in the block).
-  const int64_t groups = do_rois ? 1 : (bins + blockDim.y - 1) / blockDim.y;
-  const int64_t work = at.num_rois * groups;
-  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {  // uniform over the block
+  const int64_t groups = do_rois ? 1 : (bins + th.block.y - 1) / th.block.y;
+  {  // the body of one iteration of the grid-stride loop
     const int64_t k = blk / groups;
-    const int64_t g0 = (blk % groups) * blockDim.y;
-    const int64_t bin_end = do_rois ? bins : (g0 + blockDim.y < bins ? g0 + blockDim.y : bins);
+    const int64_t g0 = (blk % groups) * th.block.y;
+    const int64_t bin_end = do_rois ? bins : (g0 + th.block.y < bins ? g0 + th.block.y : bins);
     double s_x1 = 0, s_y1 = 0, s_x2 = 0, s_y2 = 0;
     const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, k, lv.out_batch, !kMax);
     if (r.live) {
       const int64_t H = r.H, W = r.W;
       const S* __restrict__ img = static_cast<const S*>(lv.data[r.l]) + (r.b % lv.batch) * H * W * C;
       A* dimg = static_cast<A*>(lv.grad[r.l]) + r.b * H * W * C;
-      for (int64_t bin = g0 + threadIdx.y; bin < bin_end; bin += blockDim.y) {
+      for (int64_t bin = g0 + th.idx.y; bin < bin_end; bin += th.block.y) {
         const int64_t ph = bin / ow, pw = bin % ow;
         const A y0 = window_start(r.gy, ph), x0 = window_start(r.gx, pw);  // first visited samples
         const S* __restrict__ gk = args.cot + (k * bins + bin) * C;
-        for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
+        for (int64_t cv = th.idx.x; cv < CV; cv += th.block.x) {
           const int64_t c = cv * V;
           A g[V];
           load_vec<S, V>(gk + c, g);
@@ -166,10 +171,10 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
               const int64_t o_hl = (static_cast<int64_t>(a.hi) * W + e.lo) * C + c + j;
               const int64_t o_hh = (static_cast<int64_t>(a.hi) * W + e.hi) * C + c + j;
               if (do_features) {  // all four taps, as the CPU kernel
-                atomicAdd(dimg + o_ll, gc * (a.w_lo * e.w_lo));
-                atomicAdd(dimg + o_lh, gc * (a.w_lo * e.w_hi));
-                atomicAdd(dimg + o_hl, gc * (a.w_hi * e.w_lo));
-                atomicAdd(dimg + o_hh, gc * (a.w_hi * e.w_hi));
+                atomic_add(dimg + o_ll, gc * (a.w_lo * e.w_lo));
+                atomic_add(dimg + o_lh, gc * (a.w_lo * e.w_hi));
+                atomic_add(dimg + o_hl, gc * (a.w_hi * e.w_lo));
+                atomic_add(dimg + o_hh, gc * (a.w_hi * e.w_hi));
               }
               if (do_rois) {
                 const A f_ll = to_acc(img[o_ll]), f_lh = to_acc(img[o_lh]);
@@ -189,36 +194,71 @@ __global__ void __launch_bounds__(kBwdThreads) AlignBackwardKernel(const AlignBw
         }
       }
     }
-    if (do_rois) {
+    s[0] = s_x1;
+    s[1] = s_y1;
+    s[2] = s_x2;
+    s[3] = s_y2;
+  }
+}
+
+template <typename S, int V, bool kMax>
+struct AlignBackwardKernel {
+  static constexpr int kMaxThreads = kBwdThreads;
+  // Shared memory: the box gradient's per-warp partial sums, [4][warps].
+  ROI_HD static size_t shared_bytes(int threads, bool do_rois) {
+    return do_rois ? 4 * sizeof(double) * static_cast<size_t>(threads / kWarpSize) : 0;
+  }
+  template <typename Block>
+  ROI_HD static void run(const Block& blk, const AlignBwdArgs<S>& args) {
+    using A = typename AccOf<S>::type;
+    const Dim3 bd = blk.block_dim();
+    const int64_t bins = args.at.oh * args.at.ow;
+    const bool do_rois = args.do_rois != 0;
+    const int64_t groups = do_rois ? 1 : (bins + bd.y - 1) / bd.y;
+    const int64_t work = args.at.num_rois * groups;
+    const int warps = static_cast<int>(bd.x * bd.y) / kWarpSize;
+    double* red = reinterpret_cast<double*>(blk.shared());  // [4][warps]
+    PerThread<Block, double> v[4], shifted;
+    for (int64_t bi = blk.block_index().x; bi < work; bi += blk.grid_dim().x) {  // uniform over the block
+      blk.each_thread([&](const Thread& t) {
+        double s[4];
+        AlignBackwardThread<S, V, kMax>(t, args, bi, s);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) v[q][t] = s[q];
+      });
+      if (!do_rois) continue;
       // Block reduction in a fixed order: shuffles within each warp, then warps in order.
-      double v[4] = {s_x1, s_y1, s_x2, s_y2};
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
+      for (int off = kWarpSize / 2; off > 0; off >>= 1) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) v[q] += __shfl_down_sync(0xffffffffu, v[q], off);
+        for (int q = 0; q < 4; ++q) {
+          blk.shfl_down(v[q], shifted, off);
+          blk.each_thread([&](const Thread& t) { v[q][t] += shifted[t]; });
+        }
       }
-      const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-      const int warps = (blockDim.x * blockDim.y) >> 5;
-      if ((tid & 31) == 0) {
+      blk.each_thread([&](const Thread& t) {
+        if (t.lane() != 0) return;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) red[q][tid >> 5] = v[q];
-      }
-      __syncthreads();
-      if (tid == 0) {
-        double t[4] = {0, 0, 0, 0};
+        for (int q = 0; q < 4; ++q) red[q * warps + t.warp()] = v[q][t];
+      });
+      blk.sync();
+      const int64_t k = bi / groups;
+      blk.each_thread([&](const Thread& t) {
+        if (t.linear() != 0) return;
+        double tot[4] = {0, 0, 0, 0};
         for (int w = 0; w < warps; ++w) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) t[q] += red[q][w];
+          for (int q = 0; q < 4; ++q) tot[q] += red[q * warps + w];
         }
         A* dr = args.d_rois + 5 * k;
         dr[0] = A(0);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) dr[1 + q] = static_cast<A>(t[q]);
-      }
-      __syncthreads();  // red is reused by the next roi
+        for (int q = 0; q < 4; ++q) dr[1 + q] = static_cast<A>(tot[q]);
+      });
+      blk.sync();  // red is reused by the next roi
     }
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------
 // Deterministic gather kernel (one level per launch).
@@ -233,7 +273,7 @@ struct TileSample {
 };
 
 template <typename A>
-__device__ __forceinline__ bool tile_sample(const AxisGeom<A>& g, int count, int64_t s, int64_t size, A norm,
+ROI_HDI bool tile_sample(const AxisGeom<A>& g, int count, int64_t s, int64_t size, A norm,
                                             int t0, int t1, TileSample<A>* out) {
   const int64_t p = s / count;
   const int i = static_cast<int>(s % count);
@@ -251,7 +291,7 @@ __device__ __forceinline__ bool tile_sample(const AxisGeom<A>& g, int count, int
 // Whether any tap of any sample of bin p lies in [t0, t1) (any weight: the max gradient
 // goes to all four taps of the winner, as the CPU kernel).
 template <typename A>
-__device__ __forceinline__ bool bin_touches(const AxisGeom<A>& g, int count, int64_t p, int64_t size, A norm, int t0,
+ROI_HDI bool bin_touches(const AxisGeom<A>& g, int count, int64_t p, int64_t size, A norm, int t0,
                                             int t1) {
   const A i0 = window_start(g, p);
   for (int i = 0; i < count; ++i) {
@@ -261,212 +301,283 @@ __device__ __forceinline__ bool bin_touches(const AxisGeom<A>& g, int count, int
   return false;
 }
 
+// The deterministic gather's tiling of one level (PlanGather).
+struct GatherTiles {
+  int l, tile;
+  int64_t tiles_y, tiles_x, chunks;
+};
+
+// One block per (image, tile, channel chunk) of level l; a thread owns one channel. Phases
+// separated by the block's barriers (cuda/device_ops.h). Shared memory: the tile's
+// accumulators [tile*tile][nt], the y and x sample lists [nt] each, the roi list [nt], one
+// int per warp for block_compact.
 template <typename S, bool kMax>
-__global__ void __launch_bounds__(128) AlignGatherKernel(const AlignBwdArgs<S> args, int l, int tile,
-                                                         int64_t tiles_y, int64_t tiles_x, int64_t chunks) {
+struct AlignGatherKernel {
+  static constexpr int kMaxThreads = 128;
   using A = typename AccOf<S>::type;
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int warp_sums[32];
-  const int nt = blockDim.x, tid = threadIdx.x;
-  A* acc = reinterpret_cast<A*>(smem);                                           // [tile*tile][nt]
-  TileSample<A>* ylist = reinterpret_cast<TileSample<A>*>(acc + tile * tile * nt);  // [nt]
-  TileSample<A>* xlist = ylist + nt;                                               // [nt]
-  int* rlist = reinterpret_cast<int*>(xlist + nt);                                 // [nt]
-
-  const AlignAttrs& at = args.at;
-  const Levels& lv = args.lv;
-  const int64_t K = at.num_rois, C = at.channels, oh = at.oh, ow = at.ow, bins = oh * ow;
-  const int64_t H = lv.height[l], W = lv.width[l];
-  const int64_t work = lv.out_batch * tiles_y * tiles_x * chunks;
-  A* grad = static_cast<A*>(lv.grad[l]);
-  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {  // uniform over the block
-    int64_t t = blk;
-    const int64_t chunk = t % chunks;
-    t /= chunks;
-    const int64_t tx = t % tiles_x;
-    t /= tiles_x;
-    const int64_t ty = t % tiles_y;
-    const int64_t b = t / tiles_y;
-    const int r0 = static_cast<int>(ty * tile), r1 = static_cast<int>(ty * tile + tile < H ? ty * tile + tile : H);
-    const int c0 = static_cast<int>(tx * tile), c1 = static_cast<int>(tx * tile + tile < W ? tx * tile + tile : W);
-    const int64_t c = chunk * nt + tid;
-    const bool cok = c < C;
-    for (int q = 0; q < tile * tile; ++q) acc[q * nt + tid] = A(0);
-    const S* __restrict__ img = static_cast<const S*>(lv.data[l]) + (b % lv.batch) * H * W * C;
-
-    for (int64_t k0 = 0; k0 < K; k0 += nt) {
-      // The rois of this image and level whose samples can touch the tile, in roi order.
-      bool hit = false;
-      const int64_t k = k0 + tid;
-      if (k < K) {
-        const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, k, lv.out_batch, !kMax);
-        if (r.live && r.l == l && r.b == b) {
-          int ylo, yhi, xlo, xhi;
-          hit = axis_footprint(r.gy, r.cy, oh, H, &ylo, &yhi) && axis_footprint(r.gx, r.cx, ow, W, &xlo, &xhi) &&
-                ylo < r1 && yhi >= r0 && xlo < c1 && xhi >= c0;
-        }
-      }
-      int pos;
-      const int n = block_compact(hit, warp_sums, &pos);
-      if (hit) rlist[pos] = static_cast<int>(k);
-      __syncthreads();
-      for (int i = 0; i < n; ++i) {
-        const int64_t kk = rlist[i];
-        const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, kk, lv.out_batch, !kMax);
-        const S* __restrict__ gk = args.cot + kk * bins * C + c;
-        if constexpr (!kMax) {
-          // The roi's y samples touching the tile, then its x samples, compacted in order;
-          // every pair adds g * (wy * wx) to the taps inside the tile.
-          const int64_t ny = oh * r.cy, nx = ow * r.cx;
-          for (int64_t ys = 0; ys < ny; ys += nt) {
-            TileSample<A> ye;
-            const bool yf = ys + tid < ny && tile_sample(r.gy, r.cy, ys + tid, H, r.ny, r0, r1, &ye);
-            int ypos;
-            const int nyc = block_compact(yf, warp_sums, &ypos);
-            if (yf) ylist[ypos] = ye;
-            __syncthreads();
-            if (nyc > 0) {
-              for (int64_t xs = 0; xs < nx; xs += nt) {
-                TileSample<A> xe;
-                const bool xf = xs + tid < nx && tile_sample(r.gx, r.cx, xs + tid, W, r.nx, c0, c1, &xe);
-                int xpos;
-                const int nxc = block_compact(xf, warp_sums, &xpos);
-                if (xf) xlist[xpos] = xe;
-                __syncthreads();
-                if (cok) {
-                  for (int yi = 0; yi < nyc; ++yi) {
-                    const TileSample<A> sy = ylist[yi];
-                    for (int xi = 0; xi < nxc; ++xi) {
-                      const TileSample<A> sx = xlist[xi];
-                      const A gv = to_acc(gk[(static_cast<int64_t>(sy.bin) * ow + sx.bin) * C]);
-                      if (sy.lo >= 0) {
-                        if (sx.lo >= 0) acc[(sy.lo * tile + sx.lo) * nt + tid] += (sy.w_lo * sx.w_lo) * gv;
-                        if (sx.hi >= 0) acc[(sy.lo * tile + sx.hi) * nt + tid] += (sy.w_lo * sx.w_hi) * gv;
-                      }
-                      if (sy.hi >= 0) {
-                        if (sx.lo >= 0) acc[(sy.hi * tile + sx.lo) * nt + tid] += (sy.w_hi * sx.w_lo) * gv;
-                        if (sx.hi >= 0) acc[(sy.hi * tile + sx.hi) * nt + tid] += (sy.w_hi * sx.w_hi) * gv;
-                      }
-                    }
-                  }
-                }
-                __syncthreads();  // xlist and warp_sums are rewritten next
-              }
-            }
-            __syncthreads();  // ylist and warp_sums are rewritten next
-          }
-        } else {
-          // Max: for each bin with a tap in the tile, the winning sample of my channel, and
-          // its taps inside the tile. No shared lists: no barriers in here.
-          if (cok) {
-            const int64_t Hh = r.H, Ww = r.W;
-            for (int64_t ph = 0; ph < oh; ++ph) {
-              if (!bin_touches(r.gy, r.cy, ph, Hh, r.ny, r0, r1)) continue;
-              const A y0 = window_start(r.gy, ph);
-              for (int64_t pw = 0; pw < ow; ++pw) {
-                if (!bin_touches(r.gx, r.cx, pw, Ww, r.nx, c0, c1)) continue;
-                const A x0 = window_start(r.gx, pw);
-                A best = neg_infinity<A>();
-                int arg = -1;
-                for (int iy = 0; iy < r.cy; ++iy) {
-                  const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), Hh, true, r.ny);
-                  for (int ix = 0; ix < r.cx; ++ix) {
-                    const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), Ww, true, r.nx);
-                    A v = (a.w_lo * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.lo) * C + c]);
-                    v = v + (a.w_lo * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.hi) * C + c]);
-                    v = v + (a.w_hi * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.lo) * C + c]);
-                    v = v + (a.w_hi * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.hi) * C + c]);
-                    if (v > best) {
-                      best = v;
-                      arg = iy * r.cx + ix;
-                    }
-                  }
-                }
-                if (arg < 0) continue;
-                const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, arg / r.cx), Hh, true, r.ny);
-                const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, arg % r.cx), Ww, true, r.nx);
-                const A gc = to_acc(gk[(ph * ow + pw) * C]);
-                const int rows[2] = {a.lo, a.hi}, cols[2] = {e.lo, e.hi};
-                const A wy[2] = {a.w_lo, a.w_hi}, wx[2] = {e.w_lo, e.w_hi};
-#pragma unroll
-                for (int u = 0; u < 2; ++u) {
-#pragma unroll
-                  for (int q = 0; q < 2; ++q) {
-                    if (rows[u] >= r0 && rows[u] < r1 && cols[q] >= c0 && cols[q] < c1) {
-                      acc[((rows[u] - r0) * tile + (cols[q] - c0)) * nt + tid] += gc * (wy[u] * wx[q]);
-                    }
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
-      __syncthreads();  // rlist and warp_sums are rewritten next
-    }
-    if (cok) {
-      for (int y = r0; y < r1; ++y) {
-        for (int x = c0; x < c1; ++x) {
-          grad[((b * H + y) * W + x) * C + c] = acc[((y - r0) * tile + (x - c0)) * nt + tid];
-        }
-      }
-    }
-    // acc columns are per thread; the next tile's barriers order the shared lists.
+  ROI_HD static size_t shared_bytes(int tile, int nt) {
+    return sizeof(A) * tile * tile * nt + 2 * sizeof(TileSample<A>) * nt + sizeof(int) * nt +
+           sizeof(int) * (nt / kWarpSize);
   }
-}
+  template <typename Block>
+  ROI_HD static void run(const Block& blk, const AlignBwdArgs<S>& args, const GatherTiles& gt) {
+    const int l = gt.l, tile = gt.tile;
+    const int nt = static_cast<int>(blk.block_dim().x);
+    A* acc = reinterpret_cast<A*>(blk.shared());                                     // [tile*tile][nt]
+    TileSample<A>* ylist = reinterpret_cast<TileSample<A>*>(acc + tile * tile * nt);  // [nt]
+    TileSample<A>* xlist = ylist + nt;                                               // [nt]
+    int* rlist = reinterpret_cast<int*>(xlist + nt);                                 // [nt]
+    int* warp_sums = rlist + nt;                                                     // [nt / 32]
+
+    const AlignAttrs& at = args.at;
+    const Levels& lv = args.lv;
+    const int64_t K = at.num_rois, C = at.channels, oh = at.oh, ow = at.ow, bins = oh * ow;
+    const int64_t H = lv.height[l], W = lv.width[l];
+    const int64_t work = lv.out_batch * gt.tiles_y * gt.tiles_x * gt.chunks;
+    A* grad = static_cast<A*>(lv.grad[l]);
+    PerThread<Block, int> flag, pos;
+    PerThread<Block, TileSample<A>> sample;
+    for (int64_t bi = blk.block_index().x; bi < work; bi += blk.grid_dim().x) {  // uniform over the block
+      int64_t q = bi;
+      const int64_t chunk = q % gt.chunks;
+      q /= gt.chunks;
+      const int64_t tx = q % gt.tiles_x;
+      q /= gt.tiles_x;
+      const int64_t ty = q % gt.tiles_y;
+      const int64_t b = q / gt.tiles_y;
+      const int r0 = static_cast<int>(ty * tile), r1 = static_cast<int>(ty * tile + tile < H ? ty * tile + tile : H);
+      const int c0 = static_cast<int>(tx * tile), c1 = static_cast<int>(tx * tile + tile < W ? tx * tile + tile : W);
+      const S* __restrict__ img = static_cast<const S*>(lv.data[l]) + (b % lv.batch) * H * W * C;
+      blk.each_thread([&](const Thread& t) {
+        const int tid = t.linear();
+        for (int e = 0; e < tile * tile; ++e) acc[e * nt + tid] = A(0);
+      });
+
+      for (int64_t k0 = 0; k0 < K; k0 += nt) {
+        // The rois of this image and level whose samples can touch the tile, in roi order.
+        blk.each_thread([&](const Thread& t) {
+          flag[t] = 0;
+          const int64_t k = k0 + t.linear();
+          if (k >= K) return;
+          const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, k, lv.out_batch, !kMax);
+          if (r.live && r.l == l && r.b == b) {
+            int ylo, yhi, xlo, xhi;
+            flag[t] = axis_footprint(r.gy, r.cy, oh, H, &ylo, &yhi) && axis_footprint(r.gx, r.cx, ow, W, &xlo, &xhi) &&
+                      ylo < r1 && yhi >= r0 && xlo < c1 && xhi >= c0;
+          }
+        });
+        const int n = block_compact(blk, flag, pos, warp_sums);
+        blk.each_thread([&](const Thread& t) {
+          if (flag[t]) rlist[pos[t]] = static_cast<int>(k0 + t.linear());
+        });
+        blk.sync();
+        for (int i = 0; i < n; ++i) {
+          const int64_t kk = rlist[i];
+          const AlignRoi<A> r = resolve_align<A>(lv, at, args.rois, args.level, kk, lv.out_batch, !kMax);
+          if constexpr (!kMax) {
+            // The roi's y samples touching the tile, then its x samples, compacted in order;
+            // every pair adds g * (wy * wx) to the taps inside the tile.
+            const int64_t ny = oh * r.cy, nx = ow * r.cx;
+            for (int64_t ys = 0; ys < ny; ys += nt) {
+              blk.each_thread([&](const Thread& t) {
+                const int64_t y = ys + t.linear();
+                flag[t] = y < ny && tile_sample(r.gy, r.cy, y, H, r.ny, r0, r1, &sample[t]);
+              });
+              const int nyc = block_compact(blk, flag, pos, warp_sums);
+              blk.each_thread([&](const Thread& t) {
+                if (flag[t]) ylist[pos[t]] = sample[t];
+              });
+              blk.sync();
+              if (nyc > 0) {
+                for (int64_t xs = 0; xs < nx; xs += nt) {
+                  blk.each_thread([&](const Thread& t) {
+                    const int64_t x = xs + t.linear();
+                    flag[t] = x < nx && tile_sample(r.gx, r.cx, x, W, r.nx, c0, c1, &sample[t]);
+                  });
+                  const int nxc = block_compact(blk, flag, pos, warp_sums);
+                  blk.each_thread([&](const Thread& t) {
+                    if (flag[t]) xlist[pos[t]] = sample[t];
+                  });
+                  blk.sync();
+                  blk.each_thread([&](const Thread& t) {
+                    const int tid = t.linear();
+                    const int64_t c = chunk * nt + tid;
+                    const bool cok = c < C;
+                    const S* __restrict__ gk = args.cot + kk * bins * C + c;
+                    if (cok) {
+                      for (int yi = 0; yi < nyc; ++yi) {
+                        const TileSample<A> sy = ylist[yi];
+                        for (int xi = 0; xi < nxc; ++xi) {
+                          const TileSample<A> sx = xlist[xi];
+                          const A gv = to_acc(gk[(static_cast<int64_t>(sy.bin) * ow + sx.bin) * C]);
+                          if (sy.lo >= 0) {
+                            if (sx.lo >= 0) acc[(sy.lo * tile + sx.lo) * nt + tid] += (sy.w_lo * sx.w_lo) * gv;
+                            if (sx.hi >= 0) acc[(sy.lo * tile + sx.hi) * nt + tid] += (sy.w_lo * sx.w_hi) * gv;
+                          }
+                          if (sy.hi >= 0) {
+                            if (sx.lo >= 0) acc[(sy.hi * tile + sx.lo) * nt + tid] += (sy.w_hi * sx.w_lo) * gv;
+                            if (sx.hi >= 0) acc[(sy.hi * tile + sx.hi) * nt + tid] += (sy.w_hi * sx.w_hi) * gv;
+                          }
+                        }
+                      }
+                    }
+                  });
+                  blk.sync();  // xlist and warp_sums are rewritten next
+                }
+              }
+              blk.sync();  // ylist and warp_sums are rewritten next
+            }
+          } else {
+            // Max: for each bin with a tap in the tile, the winning sample of my channel, and
+            // its taps inside the tile. No shared lists: no barriers in here.
+            blk.each_thread([&](const Thread& t) {
+              const int tid = t.linear();
+              const int64_t c = chunk * nt + tid;
+              const bool cok = c < C;
+              const S* __restrict__ gk = args.cot + kk * bins * C + c;
+            if (cok) {
+              const int64_t Hh = r.H, Ww = r.W;
+              for (int64_t ph = 0; ph < oh; ++ph) {
+                if (!bin_touches(r.gy, r.cy, ph, Hh, r.ny, r0, r1)) continue;
+                const A y0 = window_start(r.gy, ph);
+                for (int64_t pw = 0; pw < ow; ++pw) {
+                  if (!bin_touches(r.gx, r.cx, pw, Ww, r.nx, c0, c1)) continue;
+                  const A x0 = window_start(r.gx, pw);
+                  A best = neg_infinity<A>();
+                  int arg = -1;
+                  for (int iy = 0; iy < r.cy; ++iy) {
+                    const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, iy), Hh, true, r.ny);
+                    for (int ix = 0; ix < r.cx; ++ix) {
+                      const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, ix), Ww, true, r.nx);
+                      A v = (a.w_lo * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.lo) * C + c]);
+                      v = v + (a.w_lo * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.lo) * Ww + e.hi) * C + c]);
+                      v = v + (a.w_hi * e.w_lo) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.lo) * C + c]);
+                      v = v + (a.w_hi * e.w_hi) * to_acc(img[(static_cast<int64_t>(a.hi) * Ww + e.hi) * C + c]);
+                      if (v > best) {
+                        best = v;
+                        arg = iy * r.cx + ix;
+                      }
+                    }
+                  }
+                  if (arg < 0) continue;
+                  const Tap<A> a = bilinear_tap(sample_position(r.gy, ph, y0, arg / r.cx), Hh, true, r.ny);
+                  const Tap<A> e = bilinear_tap(sample_position(r.gx, pw, x0, arg % r.cx), Ww, true, r.nx);
+                  const A gc = to_acc(gk[(ph * ow + pw) * C]);
+                  const int rows[2] = {a.lo, a.hi}, cols[2] = {e.lo, e.hi};
+                  const A wy[2] = {a.w_lo, a.w_hi}, wx[2] = {e.w_lo, e.w_hi};
+#pragma unroll
+                  for (int u = 0; u < 2; ++u) {
+#pragma unroll
+                    for (int q = 0; q < 2; ++q) {
+                      if (rows[u] >= r0 && rows[u] < r1 && cols[q] >= c0 && cols[q] < c1) {
+                        acc[((rows[u] - r0) * tile + (cols[q] - c0)) * nt + tid] += gc * (wy[u] * wx[q]);
+                      }
+                    }
+                  }
+                }
+              }
+            }
+            });
+          }
+        }
+        blk.sync();  // rlist and warp_sums are rewritten next
+      }
+      blk.each_thread([&](const Thread& t) {
+        const int tid = t.linear();
+        const int64_t c = chunk * nt + tid;
+        if (c >= C) return;
+        for (int y = r0; y < r1; ++y) {
+          for (int x = c0; x < c1; ++x) {
+            grad[((b * H + y) * W + x) * C + c] = acc[((y - r0) * tile + (x - c0)) * nt + tid];
+          }
+        }
+      });
+      // acc columns are per thread; the next tile's barriers order the shared lists.
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Launch
 // ---------------------------------------------------------------------------------------
 
-template <typename S, int V, bool kMax>
-void LaunchScatter(const AlignBwdArgs<S>& args, cudaStream_t stream) {
-  const int64_t CV = args.at.channels / V;
+// Launch geometry of the scatter kernel and of level l's gather kernel (the CUDA launch
+// and the host runner both use it).
+struct ScatterPlan {
+  int vec;  // channels per thread: VecWidth<S>() when C is a multiple of it, else 1
+  LaunchGeom geom;
+};
+
+template <typename S>
+ScatterPlan PlanScatter(const AlignBwdArgs<S>& args) {
+  ScatterPlan p{};
+  p.vec = args.at.channels % VecWidth<S>() == 0 ? VecWidth<S>() : 1;
+  const int64_t CV = args.at.channels / p.vec;
   const int64_t bins = args.at.oh * args.at.ow;
   const int bx = CV >= kBwdThreads ? kBwdThreads : RoundUp32(CV);
   int by = kBwdThreads / bx;
   if (by > bins) by = static_cast<int>(bins);
   if (by < 1) by = 1;
   const int64_t groups = args.do_rois ? 1 : (bins + by - 1) / by;
-  AlignBackwardKernel<S, V, kMax><<<GridFor(args.at.num_rois * groups), dim3(bx, by), 0, stream>>>(args);
+  p.geom = LaunchGeom{Dim3{GridFor(args.at.num_rois * groups), 1, 1},
+                      Dim3{static_cast<unsigned>(bx), static_cast<unsigned>(by), 1},
+                      AlignBackwardKernel<S, 1, false>::shared_bytes(bx * by, args.do_rois != 0)};
+  return p;
 }
 
-template <typename S, bool kMax>
-void LaunchScatterV(const AlignBwdArgs<S>& args, cudaStream_t stream) {
-  constexpr int kV = VecWidth<S>();
-  if (args.at.channels % kV == 0) {
-    LaunchScatter<S, kV, kMax>(args, stream);
-  } else {
-    LaunchScatter<S, 1, kMax>(args, stream);
-  }
-}
+struct GatherPlan {
+  bool skip;  // an empty level or no images: nothing to write
+  LaunchGeom geom;
+  GatherTiles tiles;
+};
 
-template <typename S, bool kMax>
-void LaunchGather(const AlignBwdArgs<S>& args, cudaStream_t stream) {
+template <typename S>
+GatherPlan PlanGather(const AlignBwdArgs<S>& args, int l) {
   using A = typename AccOf<S>::type;
+  GatherPlan p{};
   const int64_t C = args.at.channels;
   const int cap = sizeof(A) == 8 ? 64 : 128;
   const int nt = C >= cap ? cap : RoundUp32(C);
   const int64_t chunks = (C + nt - 1) / nt;
-  for (int l = 0; l < args.lv.num; ++l) {
-    const int64_t H = args.lv.height[l], W = args.lv.width[l];
-    if (H <= 0 || W <= 0 || args.lv.out_batch <= 0) continue;
-    // 8 x 8 tiles when there are enough of them to fill the GPU, else 4 x 4.
-    const int64_t blocks8 = args.lv.out_batch * ((H + 7) / 8) * ((W + 7) / 8) * chunks;
-    const int tile = blocks8 >= 1024 ? 8 : 4;
-    const int64_t tiles_y = (H + tile - 1) / tile, tiles_x = (W + tile - 1) / tile;
-    const size_t smem = sizeof(A) * tile * tile * nt + 2 * sizeof(TileSample<A>) * nt + sizeof(int) * nt;
-    AlignGatherKernel<S, kMax><<<GridFor(args.lv.out_batch * tiles_y * tiles_x * chunks), nt, smem, stream>>>(
-        args, l, tile, tiles_y, tiles_x, chunks);
+  const int64_t H = args.lv.height[l], W = args.lv.width[l];
+  p.skip = H <= 0 || W <= 0 || args.lv.out_batch <= 0;
+  if (p.skip) return p;
+  // 8 x 8 tiles when there are enough of them to fill the GPU, else 4 x 4.
+  const int64_t blocks8 = args.lv.out_batch * ((H + 7) / 8) * ((W + 7) / 8) * chunks;
+  const int tile = blocks8 >= 1024 ? 8 : 4;
+  const int64_t tiles_y = (H + tile - 1) / tile, tiles_x = (W + tile - 1) / tile;
+  p.tiles = GatherTiles{l, tile, tiles_y, tiles_x, chunks};
+  p.geom = LaunchGeom{Dim3{GridFor(args.lv.out_batch * tiles_y * tiles_x * chunks), 1, 1},
+                      Dim3{static_cast<unsigned>(nt), 1, 1}, AlignGatherKernel<S, false>::shared_bytes(tile, nt)};
+  return p;
+}
+
+template <typename S, bool kMax, typename Exec>
+void LaunchScatter(Exec& exec, const AlignBwdArgs<S>& args) {
+  constexpr int kV = VecWidth<S>();
+  const ScatterPlan p = PlanScatter(args);
+  if (p.vec == kV) {
+    exec.template launch<AlignBackwardKernel<S, kV, kMax>>(p.geom, args);
+  } else {
+    exec.template launch<AlignBackwardKernel<S, 1, kMax>>(p.geom, args);
   }
 }
 
-ffi::Error RoiAlignBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi::AnyBuffer rois,
+template <typename S, bool kMax, typename Exec>
+void LaunchGather(Exec& exec, const AlignBwdArgs<S>& args) {
+  for (int l = 0; l < args.lv.num; ++l) {
+    const GatherPlan p = PlanGather(args, l);
+    if (!p.skip) exec.template launch<AlignGatherKernel<S, kMax>>(p.geom, args, p.tiles);
+  }
+}
+
+ffi::Error RoiAlignBackwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer cot, ffi::AnyBuffer rois,
                                     ffi::AnyBuffer level, ffi::RemainingArgs feats,
                                     ffi::Result<ffi::AnyBuffer> d_rois, ffi::RemainingRets d_feats,
                                     ffi::Span<const double> scales, int64_t sampling_ratio, int64_t aligned,
                                     int64_t reduction, int64_t quantize, int64_t rois_grad, int64_t deterministic) {
   const char* op = "jax_roi roi_align backward (CUDA)";
+  auto exec = JAX_ROI_MAKE_EXEC();
   AlignAttrs at{};
   Levels lv{};
   ffi::DataType dtype;
@@ -524,10 +635,10 @@ ffi::Error RoiAlignBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi
   const bool trivial = K == 0 || C == 0 || lv.batch == 0;
   // Outputs initialised on the stream: d_rois always (rows of dead rois stay zero unless the
   // box-gradient kernel writes them); d_features unless the gather kernel writes them all.
-  if (auto err = MemsetAsync(op, d_rois->untyped_data(), d_rois->size_bytes(), stream); err.failure()) return err;
+  if (auto err = exec.zero(op, d_rois->untyped_data(), d_rois->size_bytes()); err.failure()) return err;
   if (!det || trivial) {
     for (int l = 0; l < lv.num; ++l) {
-      if (auto err = MemsetAsync(op, lv.grad[l], grad_bytes[l], stream); err.failure()) return err;
+      if (auto err = exec.zero(op, lv.grad[l], grad_bytes[l]); err.failure()) return err;
     }
   }
   if (trivial) return ffi::Error::Success();
@@ -544,24 +655,23 @@ ffi::Error RoiAlignBackwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer cot, ffi
     args.do_features = det ? 0 : 1;
     args.do_rois = want_rois ? 1 : 0;
     if (args.do_features || args.do_rois) {
-      use_max ? LaunchScatterV<S, true>(args, stream) : LaunchScatterV<S, false>(args, stream);
+      use_max ? LaunchScatter<S, true>(exec, args) : LaunchScatter<S, false>(exec, args);
     }
     if (det) {
-      use_max ? LaunchGather<S, true>(args, stream) : LaunchGather<S, false>(args, stream);
+      use_max ? LaunchGather<S, true>(exec, args) : LaunchGather<S, false>(exec, args);
     }
   });
-  return LaunchStatus(op);
+  return exec.status(op);
 }
 
 }  // namespace
-}  // namespace cuda
+}  // namespace JAX_ROI_CUDA_NS
 }  // namespace jax_roi
 
 namespace ffi = xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiAlignBackwardCuda, jax_roi::cuda::RoiAlignBackwardCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JAX_ROI_HANDLER_NAME(JaxRoiAlignBackward), jax_roi::JAX_ROI_CUDA_NS::RoiAlignBackwardImpl,
+                              JAX_ROI_BIND()
                                   .Arg<ffi::AnyBuffer>()  // cotangent [K, oh, ow, C]
                                   .Arg<ffi::AnyBuffer>()  // rois [K, 5]
                                   .Arg<ffi::AnyBuffer>()  // level [K] int32

@@ -6,13 +6,17 @@
 // one coalesced load. Block: x over channel vectors, y over the bins of one roi. The
 // per-sample geometry is roi_math.h's, the same functions the CPU kernels call.
 //
+// The kernel body is a ROI_HD function of its thread's indices (cuda/device_ops.h);
+// PlanForward computes the launch geometry. The host compiler builds this file too
+// (cuda/emulated_roi_align.cc) and runs the same body for the emulated target.
+//
 // The same FFI signature and attributes as the CPU handler (roi_align_cpu.cc).
 #include <string>
 
 #include "cuda_common.cuh"
 
 namespace jax_roi {
-namespace cuda {
+namespace JAX_ROI_CUDA_NS {
 namespace {
 
 template <typename S>
@@ -24,19 +28,19 @@ struct AlignFwdArgs {
   Levels lv;
 };
 
-// Grid-stride over (roi, group of blockDim.y bins).
+// Grid-stride over (roi, group of t.block.y bins).
 template <typename S, int V, bool kMax>
-__global__ void __launch_bounds__(256) AlignForwardKernel(const AlignFwdArgs<S> args) {
+ROI_HD void AlignForwardThread(const Thread& t, const AlignFwdArgs<S>& args) {
   using A = typename AccOf<S>::type;
   const AlignAttrs& at = args.at;
   const int64_t bins = at.oh * at.ow;
   const int64_t C = at.channels;
   const int64_t CV = C / V;
-  const int64_t groups = (bins + blockDim.y - 1) / blockDim.y;
+  const int64_t groups = (bins + t.block.y - 1) / t.block.y;
   const int64_t work = at.num_rois * groups;
-  for (int64_t blk = blockIdx.x; blk < work; blk += gridDim.x) {
+  for (int64_t blk = t.block_idx.x; blk < work; blk += t.grid.x) {
     const int64_t k = blk / groups;
-    const int64_t bin = (blk % groups) * blockDim.y + threadIdx.y;
+    const int64_t bin = (blk % groups) * t.block.y + t.idx.y;
     if (bin >= bins) continue;
     const int64_t ph = bin / at.ow, pw = bin % at.ow;
     S* out = args.out + (k * bins + bin) * C;
@@ -45,13 +49,13 @@ __global__ void __launch_bounds__(256) AlignForwardKernel(const AlignFwdArgs<S> 
       A zero[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) zero[j] = A(0);
-      for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) store_vec<S, V>(out + cv * V, zero);
+      for (int64_t cv = t.idx.x; cv < CV; cv += t.block.x) store_vec<S, V>(out + cv * V, zero);
       continue;
     }
     const int64_t H = r.H, W = r.W;
     const S* __restrict__ img = static_cast<const S*>(args.lv.data[r.l]) + r.b * H * W * C;
     const A y0 = window_start(r.gy, ph), x0 = window_start(r.gx, pw);  // first visited samples
-    for (int64_t cv = threadIdx.x; cv < CV; cv += blockDim.x) {
+    for (int64_t cv = t.idx.x; cv < CV; cv += t.block.x) {
       const int64_t c = cv * V;
       A acc[V];
 #pragma unroll
@@ -115,38 +119,62 @@ __global__ void __launch_bounds__(256) AlignForwardKernel(const AlignFwdArgs<S> 
   }
 }
 
+constexpr int kFwdThreads = 256;
+
 template <typename S, int V, bool kMax>
-void LaunchForward(const AlignFwdArgs<S>& args, cudaStream_t stream) {
-  const int64_t CV = args.at.channels / V;
-  const int64_t bins = args.at.oh * args.at.ow;
-  const int bx = CV >= 256 ? 256 : RoundUp32(CV);
-  int by = 256 / bx;
+struct AlignForwardKernel {
+  static constexpr int kMaxThreads = kFwdThreads;
+  template <typename Block>
+  ROI_HD static void run(const Block& blk, const AlignFwdArgs<S>& args) {
+    blk.each_thread([&](const Thread& t) { AlignForwardThread<S, V, kMax>(t, args); });
+  }
+};
+
+// Launch geometry (the CUDA launch and the host runner both use it): block x over channel
+// vectors, y over bins, 256 threads.
+struct AlignFwdPlan {
+  int vec;  // channels per thread: VecWidth<S>() when C is a multiple of it, else 1
+  LaunchGeom geom;
+};
+
+template <typename S>
+AlignFwdPlan PlanForward(const AlignAttrs& at) {
+  AlignFwdPlan p{};
+  p.vec = at.channels % VecWidth<S>() == 0 ? VecWidth<S>() : 1;
+  const int64_t CV = at.channels / p.vec;
+  const int64_t bins = at.oh * at.ow;
+  const int bx = CV >= kFwdThreads ? kFwdThreads : RoundUp32(CV);
+  int by = kFwdThreads / bx;
   if (by > bins) by = static_cast<int>(bins);
   if (by < 1) by = 1;
   const int64_t groups = (bins + by - 1) / by;
-  AlignForwardKernel<S, V, kMax><<<GridFor(args.at.num_rois * groups), dim3(bx, by), 0, stream>>>(args);
+  p.geom = LaunchGeom{Dim3{GridFor(at.num_rois * groups), 1, 1},
+                      Dim3{static_cast<unsigned>(bx), static_cast<unsigned>(by), 1}, 0};
+  return p;
 }
 
-template <typename S>
-void DispatchForward(const AlignFwdArgs<S>& args, bool use_max, cudaStream_t stream) {
+template <typename S, typename Exec>
+void LaunchForward(Exec& exec, const AlignFwdArgs<S>& args, bool use_max) {
   constexpr int kV = VecWidth<S>();
-  const bool vec = args.at.channels % kV == 0;
+  const AlignFwdPlan p = PlanForward<S>(args.at);
+  const bool vec = p.vec == kV;
   if (use_max && vec) {
-    LaunchForward<S, kV, true>(args, stream);
+    exec.template launch<AlignForwardKernel<S, kV, true>>(p.geom, args);
   } else if (use_max) {
-    LaunchForward<S, 1, true>(args, stream);
+    exec.template launch<AlignForwardKernel<S, 1, true>>(p.geom, args);
   } else if (vec) {
-    LaunchForward<S, kV, false>(args, stream);
+    exec.template launch<AlignForwardKernel<S, kV, false>>(p.geom, args);
   } else {
-    LaunchForward<S, 1, false>(args, stream);
+    exec.template launch<AlignForwardKernel<S, 1, false>>(p.geom, args);
   }
 }
 
-ffi::Error RoiAlignForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer rois, ffi::AnyBuffer level,
+ffi::Error RoiAlignForwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer rois, ffi::AnyBuffer level,
                                    ffi::RemainingArgs feats, ffi::Result<ffi::AnyBuffer> out,
                                    ffi::Span<const double> scales, int64_t sampling_ratio, int64_t aligned,
                                    int64_t reduction, int64_t quantize) {
   const char* op = "jax_roi roi_align forward (CUDA)";
+  auto exec = JAX_ROI_MAKE_EXEC();
   AlignAttrs at{};
   Levels lv{};
   ffi::DataType dtype;
@@ -176,20 +204,19 @@ ffi::Error RoiAlignForwardCudaImpl(cudaStream_t stream, ffi::AnyBuffer rois, ffi
     args.out = static_cast<S*>(out->untyped_data());
     args.at = at;
     args.lv = lv;
-    DispatchForward<S>(args, reduction == 1, stream);
+    LaunchForward<S>(exec, args, reduction == 1);
   });
-  return LaunchStatus(op);
+  return exec.status(op);
 }
 
 }  // namespace
-}  // namespace cuda
+}  // namespace JAX_ROI_CUDA_NS
 }  // namespace jax_roi
 
 namespace ffi = xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRoiAlignForwardCuda, jax_roi::cuda::RoiAlignForwardCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JAX_ROI_HANDLER_NAME(JaxRoiAlignForward), jax_roi::JAX_ROI_CUDA_NS::RoiAlignForwardImpl,
+                              JAX_ROI_BIND()
                                   .Arg<ffi::AnyBuffer>()  // rois [K, 5]
                                   .Arg<ffi::AnyBuffer>()  // level [K] int32
                                   .RemainingArgs()        // features, one [B, H_l, W_l, C] per level
