@@ -427,13 +427,20 @@ def test_raw_pool_and_backward_targets_reject_bad_arguments():
             rois, f, spatial_scale=np.float64(1), binning=np.int64(3)))
     with pytest.raises(Exception, match="d_features"):
         jax.block_until_ready(jax.ffi.ffi_call("jax_roi_roi_pool_bwd", jax.ShapeDtypeStruct((3, 5, 6, 3), jnp.float32))(
-            jnp.zeros((4, 2, 2, 3), jnp.float32), rois, f, spatial_scale=np.float64(1), binning=np.int64(0)))
+            jnp.zeros((4, 2, 2, 3), jnp.float32), rois, f, spatial_scale=np.float64(1), binning=np.int64(0),
+            **_cuda_bwd_attrs()))
     outs = [jax.ShapeDtypeStruct((4, 5), jnp.float32), jax.ShapeDtypeStruct((2, 5, 6, 3), jnp.float16)]
     with pytest.raises(Exception, match="jax_roi roi_align backward"):
         jax.block_until_ready(jax.ffi.ffi_call("jax_roi_roi_align_bwd", outs)(
             jnp.zeros((4, 2, 2, 3), jnp.float32), rois, jnp.zeros((4,), jnp.int32), f,
             spatial_scales=np.asarray([1.0]), sampling_ratio=np.int64(2), aligned=np.int64(1),
-            reduction=np.int64(0), quantize=np.int64(0), rois_grad=np.int64(1)))
+            reduction=np.int64(0), quantize=np.int64(0), rois_grad=np.int64(1), **_cuda_bwd_attrs()))
+
+
+def _cuda_bwd_attrs():
+    """The backward targets' extra attribute when the "cpu" targets are the emulated CUDA
+    kernels (JAX_ROI_EMULATE_CUDA=1): `deterministic`, as on CUDA."""
+    return dict(deterministic=np.int64(0)) if ffi.cuda_emulated() else {}
 
 
 # ----------------------------------------------------------------------------- SIMD variants
