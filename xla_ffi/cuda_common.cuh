@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include <initializer_list>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -545,8 +546,11 @@ class HostExec {
       bad_launch_ = true;
       return;
     }
-    std::vector<unsigned char> storage(g.shared_bytes + 16, 0xA5);
-    unsigned char* shared = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) % 16) % 16;
+    // Exactly shared_bytes (operator new[] aligns to 16), so that AddressSanitizer sees an
+    // access past the launch's shared memory.
+    std::unique_ptr<unsigned char[]> storage(new unsigned char[g.shared_bytes]);
+    unsigned char* shared = storage.get();
+    memset(shared, 0xA5, g.shared_bytes);
     for (unsigned z = 0; z < g.grid.z; ++z) {
       for (unsigned y = 0; y < g.grid.y; ++y) {
         for (unsigned x = 0; x < g.grid.x; ++x) {
