@@ -5,6 +5,9 @@ counts that exercise the vector loops and their tails; the raw targets' argument
 Transformations (vmap folding, HLO, jit/checkpoint/scan) are in test_ffi_transforms.py.
 """
 
+import functools
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +50,73 @@ def _inputs(seed, *, dtype=np.float64, B=2, H=9, W=11, C=3, scale=0.5, count=24,
     return feats, jnp.asarray(rois), rng
 
 
+def _xla_caps_adaptive_counts():
+    """Whether the pure-JAX path still caps the adaptive sample count at ceil(size / bins)
+    (the kernels dropped that cap first; the pure-JAX path follows), probed on a box larger
+    than the map against the oracle."""
+    f = np.arange(12.0).reshape(1, 3, 4, 1) ** 2
+    r = np.array([[0, -5.0, -2.0, 9.0, 9.0]])
+    got = np.asarray(X.roi_align(jnp.asarray(f), jnp.asarray(r), (1, 1), sampling_ratio=0))
+    return not np.allclose(got, R.roi_align_ref(f, r, (1, 1), sampling_ratio=0), atol=1e-9, rtol=1e-9)
+
+
+XLA_CAPS = _xla_caps_adaptive_counts()
+
+
+def _beyond_old_cap(rois, hw, size, scale, sampling_ratio=-1, aligned=True, quantize=False, **_):
+    """[K] bool, no gradient: adaptive rows whose count ceil(bin) exceeds ceil(size / bins) on
+    an axis (the kernels' box geometry, in the rois' dtype). hw and scale: per roi or shared."""
+    if sampling_ratio > 0:
+        return jnp.zeros(rois.shape[0], bool)
+    r = jax.lax.stop_gradient(rois)
+    H, W = (jnp.asarray(v) for v in hw)
+    s = jnp.asarray(scale, r.dtype)
+    oh, ow = (size, size) if isinstance(size, int) else size
+    aligned = aligned and not quantize
+    off = r.dtype.type(0.5 if aligned else 0.0)
+
+    def length(c1, c2):
+        if quantize:  # half away from zero, as std::round
+            c1, c2 = (jnp.sign(c * s) * jnp.floor(jnp.abs(c * s) + 0.5) for c in (c1, c2))
+        else:
+            c1, c2 = c1 * s, c2 * s
+        n = (c2 - off) - (c1 - off)
+        return n if aligned else jnp.maximum(n, 1)
+
+    gy = jnp.ceil(length(r[:, 2], r[:, 4]) / oh)
+    gx = jnp.ceil(length(r[:, 1], r[:, 3]) / ow)
+    return (gy > jnp.ceil(H / oh)) | (gx > jnp.ceil(W / ow))
+
+
+class _XlaWithoutCap:
+    """The pure-JAX path for comparisons with the kernels: itself once it has no cap; until
+    then, on the rows its cap changes, the kernels' rows (outputs and, through the select,
+    gradients), which the oracle checks on their own."""
+
+    @staticmethod
+    def roi_align(feats, rois, size, spatial_scale=1.0, **opts):
+        out = X.roi_align(feats, rois, size, spatial_scale=spatial_scale, **opts)
+        if not XLA_CAPS:
+            return out
+        beyond = _beyond_old_cap(rois, feats.shape[1:3], size, spatial_scale, **opts)
+        return jnp.where(beyond[:, None, None, None], F.roi_align(feats, rois, size, spatial_scale=spatial_scale,
+                                                                  **opts), out)
+
+    @staticmethod
+    def multilevel_roi_align(levels, rois, level_ids, size, spatial_scales, **opts):
+        out = X.multilevel_roi_align(levels, rois, level_ids, size, spatial_scales=spatial_scales, **opts)
+        if not XLA_CAPS:
+            return out
+        li = jnp.clip(level_ids, 0, len(levels) - 1)
+        hw = (jnp.asarray([lv.shape[1] for lv in levels])[li], jnp.asarray([lv.shape[2] for lv in levels])[li])
+        beyond = _beyond_old_cap(rois, hw, size, jnp.asarray(spatial_scales, rois.dtype)[li], **opts)
+        mine = F.multilevel_roi_align(levels, rois, level_ids, size, spatial_scales=spatial_scales, **opts)
+        return jnp.where(beyond[:, None, None, None], mine, out)
+
+
+XC = _XlaWithoutCap
+
+
 def _close(a, b, dtype, scale=1.0):
     atol, rtol = TOLERANCE[np.dtype(dtype)]
     np.testing.assert_allclose(np.asarray(jnp.asarray(a, jnp.float64)), np.asarray(jnp.asarray(b, jnp.float64)),
@@ -61,7 +131,7 @@ def _close(a, b, dtype, scale=1.0):
 def test_align_forward_matches_xla_and_oracle(opts, channels):
     feats, rois, _ = _inputs(10 + channels, C=channels)
     out = F.roi_align(feats, rois, (3, 4), spatial_scale=0.5, **opts)
-    np.testing.assert_allclose(out, X.roi_align(feats, rois, (3, 4), spatial_scale=0.5, **opts),
+    np.testing.assert_allclose(out, XC.roi_align(feats, rois, (3, 4), spatial_scale=0.5, **opts),
                                atol=1e-12, rtol=1e-12)
     ref = R.roi_align_ref(np.asarray(feats), np.asarray(rois), (3, 4), spatial_scale=0.5, **opts)
     np.testing.assert_allclose(out, ref, atol=1e-10, rtol=1e-10)
@@ -78,7 +148,7 @@ def test_align_gradients_match_xla_and_oracle(opts):
         return lambda f, r: jnp.sum(impl.roi_align(f, r, size, spatial_scale=0.5, **opts) * cot)
 
     d_f, d_r = jax.grad(loss(F), argnums=(0, 1))(feats, rois)
-    x_f, x_r = jax.grad(loss(X), argnums=(0, 1))(feats, rois)
+    x_f, x_r = jax.grad(loss(XC), argnums=(0, 1))(feats, rois)
     np.testing.assert_allclose(d_f, x_f, atol=1e-11, rtol=1e-11)
     np.testing.assert_allclose(d_r, x_r, atol=1e-10, rtol=1e-10)
     ref_f, ref_r = R.roi_align_ref_vjp(np.asarray(feats), np.asarray(rois), size, np.asarray(cot),
@@ -101,7 +171,7 @@ def test_align_dtypes(dtype, reduction, channels):
     kw = dict(spatial_scale=0.5, sampling_ratio=-1, aligned=True, reduction=reduction, quantize=False)
     out = F.roi_align(feats, rois, (3, 3), **kw)
     assert out.dtype == jnp.dtype(dtype)
-    _close(out, X.roi_align(feats, rois, (3, 3), **kw), dtype)
+    _close(out, XC.roi_align(feats, rois, (3, 3), **kw), dtype)
     coord = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     ref = R.roi_align_ref(np.asarray(feats.astype(jnp.float64)), np.asarray(rois), (3, 3), coord_dtype=coord, **kw)
     _close(out, ref, dtype)
@@ -111,7 +181,7 @@ def test_align_dtypes(dtype, reduction, channels):
         return lambda f, r: jnp.sum((impl.roi_align(f, r, (3, 3), **kw) * cot).astype(jnp.float32))
 
     d_f, d_r = jax.grad(loss(F), argnums=(0, 1))(feats, rois)
-    x_f, x_r = jax.grad(loss(X), argnums=(0, 1))(feats, rois)
+    x_f, x_r = jax.grad(loss(XC), argnums=(0, 1))(feats, rois)
     assert d_f.dtype == jnp.dtype(dtype) and d_r.dtype == rois.dtype
     _close(d_f, x_f, dtype, scale=4)
     # Box gradients are sums over many samples: compare relative to their size.
@@ -150,7 +220,7 @@ def test_align_many_rois_and_channels_f32():
     feats, rois, rng = _inputs(42, dtype=np.float32, B=3, H=21, W=17, C=67, count=90)
     for opts in (ALIGN_OPTIONS[1], ALIGN_OPTIONS[5]):
         out = F.roi_align(feats, rois, (4, 3), spatial_scale=0.5, **opts)
-        np.testing.assert_allclose(out, X.roi_align(feats, rois, (4, 3), spatial_scale=0.5, **opts),
+        np.testing.assert_allclose(out, XC.roi_align(feats, rois, (4, 3), spatial_scale=0.5, **opts),
                                    atol=2e-5, rtol=1e-5)
         cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
 
@@ -160,7 +230,7 @@ def test_align_many_rois_and_channels_f32():
 
         g = grad(F)
         d_f, d_r = g(feats, rois)
-        x_f, x_r = grad(X)(feats, rois)
+        x_f, x_r = grad(XC)(feats, rois)
         np.testing.assert_allclose(d_f, x_f, atol=5e-5, rtol=1e-4)
         np.testing.assert_allclose(d_r, x_r, atol=2e-3 * float(jnp.abs(x_r).max()), rtol=1e-3)
         # deterministic across runs (channel blocks and box partials are summed in order)
@@ -198,7 +268,7 @@ def test_absurd_and_nonfinite_boxes(opts):
         [0, -1e6, -1e6, -1e6 + 1, -1e6 + 1], [1, 1e6, 1e6, 2e6, 2e6],
     ], jnp.float32)
     out = F.roi_align(feats, bad, (7, 7), spatial_scale=16.0, **opts)
-    ref = X.roi_align(feats, bad, (7, 7), spatial_scale=16.0, **opts)
+    ref = XC.roi_align(feats, bad, (7, 7), spatial_scale=16.0, **opts)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert np.all(np.isfinite(np.asarray(out)))
     dead = np.asarray(out)[3:9]
@@ -208,6 +278,45 @@ def test_absurd_and_nonfinite_boxes(opts):
                         argnums=(0, 1))(feats, bad)
     assert np.all(np.isfinite(np.asarray(d_f))) and np.all(np.isfinite(np.asarray(d_r)))
     np.testing.assert_array_equal(np.asarray(d_r)[3:9], 0)
+
+
+EDGE_BOXES = np.array([
+    [0, -1e30, -1e30, 1e30, 1e30], [1, -1e30, 3, 1e30, 20], [0, 2, -1e30, 30, 1e30],
+    [0, -3e38, -3e38, 3e38, 3e38], [1, 3e38, 3e38, 3.4e38, 3.4e38], [0, -3.4e38, 1, 3.4e38, 9],
+    [1, 1e30, 1e30, -1e30, -1e30], [0, -1e30, -1e30, -1e30 + 1e24, -1e30 + 1e24],
+    [0, np.nan, 1, 5, 5], [1, 1, 1, np.inf, 5], [0, -np.inf, 1, 5, 5], [1, 1, -np.inf, 5, np.inf],
+    [0, -4e3, -3e3, 4e3, 3e3], [1, -2e6, 1, 2e6, 25],
+], np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["avg", "max"])
+@pytest.mark.parametrize("sampling_ratio", [0, -1, 2])
+def test_edge_boxes_bounded_time_finite(sampling_ratio, reduction, dtype):
+    """1e30, 3e38, -1e30, NaN and inf boxes, adaptive and fixed: the kernels visit at most
+    2*size + 6 samples per bin side whatever the box, so forward and backward return quickly
+    (under 1 s once compiled) with finite outputs and finite feature and box gradients."""
+    feats = jnp.asarray(np.random.default_rng(51).standard_normal((2, 40, 56, 16)), dtype)
+    rois = jnp.asarray(EDGE_BOXES.astype(np.float64 if dtype == np.float64 else np.float32))
+    kw = dict(spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=True, reduction=reduction)
+    fwd = jax.jit(lambda f, r: F.roi_align(f, r, (7, 7), **kw))
+    bwd = jax.jit(jax.grad(lambda f, r: jnp.sum(F.roi_align(f, r, (7, 7), **kw) ** 2), argnums=(0, 1)))
+    jax.block_until_ready((fwd(feats, rois), bwd(feats, rois)))  # compile
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fwd(feats, rois))
+    d_f, d_r = jax.block_until_ready(bwd(feats, rois))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, elapsed
+    for a in (out, d_f, d_r):
+        assert np.all(np.isfinite(np.asarray(a)))
+    np.testing.assert_array_equal(np.asarray(out)[8:12], 0)  # non-finite boxes: zero rows
+    np.testing.assert_array_equal(np.asarray(d_r)[8:12], 0)
+    if reduction == "avg" and sampling_ratio <= 0:  # the in-range sum over counts of ~1e30 squared
+        assert np.abs(np.asarray(out)[:3]).max() < 1e-20
+    if dtype == np.float64 and sampling_ratio == 0 and reduction == "avg":  # (the oracle is slow)
+        # boxes 100x to 1e5x the map: still the oracle's numbers
+        ref = R.roi_align_ref(np.asarray(feats), np.asarray(rois)[12:], (7, 7), **kw)
+        np.testing.assert_allclose(np.asarray(out)[12:], ref, atol=1e-12, rtol=1e-9)
 
 
 def test_empty_inputs():
@@ -299,7 +408,7 @@ def test_multilevel_matches_per_level(sampling_ratio, dtype):
     level_ids = jnp.asarray(rng.integers(0, 3, rois.shape[0]), jnp.int32)
     kw = dict(spatial_scales=scales, sampling_ratio=sampling_ratio, aligned=True)
     out = F.multilevel_roi_align(levels, rois, level_ids, (3, 2), **kw)
-    np.testing.assert_allclose(out, X.multilevel_roi_align(levels, rois, level_ids, (3, 2), **kw),
+    np.testing.assert_allclose(out, XC.multilevel_roi_align(levels, rois, level_ids, (3, 2), **kw),
                                atol=1e-5 if dtype == np.float32 else 1e-12, rtol=1e-5)
     for l, s in enumerate(scales):  # each roi is roi_align on its own level
         mine = np.asarray(level_ids) == l
@@ -316,7 +425,7 @@ def test_multilevel_matches_per_level(sampling_ratio, dtype):
         return lambda ls, r: jnp.sum(impl.multilevel_roi_align(ls, r, level_ids, (3, 2), **kw) * cot)
 
     d_l, d_r = jax.grad(loss(F), argnums=(0, 1))(levels, rois)
-    x_l, x_r = jax.grad(loss(X), argnums=(0, 1))(levels, rois)
+    x_l, x_r = jax.grad(loss(XC), argnums=(0, 1))(levels, rois)
     tol = 1e-4 if dtype == np.float32 else 1e-10
     for a, b in zip(d_l, x_l):
         np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
@@ -344,8 +453,6 @@ def test_torchvision_golden_align_and_pool(golden_data):
     feats = jnp.asarray(g["align_features_nhwc"])
     rois = jnp.asarray(g["align_rois"])
     for tag, (scale, sr, aligned, oh, ow) in zip(g["align_tags"], g["align_params"]):
-        if sr <= 0:
-            continue  # adaptive: torchvision has no cap; test_roi_align excludes the rows it changes
         ok = ~g[f"{tag}_tvfail"]
         out = F.roi_align(feats, rois, (int(oh), int(ow)), spatial_scale=float(scale), sampling_ratio=int(sr),
                           aligned=bool(aligned))
@@ -361,6 +468,29 @@ def test_torchvision_golden_align_and_pool(golden_data):
         cot = jnp.asarray(g[f"{tag}_cot_nhwc"])
         d = jax.grad(lambda f: jnp.sum(F.roi_pool(f, rois, (int(oh), int(ow)), spatial_scale=float(scale)) * cot))(feats)
         np.testing.assert_allclose(d, g[f"{tag}_dfeat_nhwc"], atol=1e-5)
+
+
+def test_torchvision_golden_large_boxes(golden_data):
+    """Boxes 2x to 4x the map in adaptive mode (counts far above ceil(size / bins), beyond
+    the sample window at 1x1): torchvision's numbers, forward and feature gradient, in
+    float32, NHWC and NCHW."""
+    g = golden_data
+    rois = jnp.asarray(g["alignlarge_rois"])
+    for tag, (scale, sr, aligned, oh, ow) in zip(g["alignlarge_tags"], g["alignlarge_params"]):
+        kw = dict(spatial_scale=float(scale), sampling_ratio=int(sr), aligned=bool(aligned))
+        size = (int(oh), int(ow))
+        for layout, f in (("nhwc", F.roi_align), ("nchw", functools.partial(jax_roi.roi_align, data_format="NCHW",
+                                                                             implementation="ffi"))):
+            feats = jnp.asarray(g[f"alignlarge_features_{layout}"])
+            want = g[f"{tag}_out_{layout}"]
+            out = f(feats, rois, size, **kw)
+            np.testing.assert_allclose(out, want, atol=1e-5 * max(1.0, float(np.abs(want).max())), rtol=1e-5,
+                                       err_msg=f"{tag} {layout}")
+            cot = jnp.asarray(g[f"{tag}_cot_{layout}"])
+            d = jax.grad(lambda x: jnp.sum(f(x, rois, size, **kw) * cot))(feats)
+            want_d = g[f"{tag}_dfeat_{layout}"]
+            np.testing.assert_allclose(d, want_d, atol=1e-5 * max(1.0, float(np.abs(want_d).max())), rtol=1e-5,
+                                       err_msg=f"{tag} {layout}")
 
 
 # ----------------------------------------------------------------------------- raw targets
@@ -414,6 +544,23 @@ def test_raw_target_rejects_bad_arguments(case):
     with pytest.raises(Exception, match="jax_roi roi_align forward"):
         jax.block_until_ready(_raw_align(args["rois"], args["level"], args["feats"], args["out_shape"],
                                          args["out_dtype"], **attrs))
+
+
+def test_raw_target_limits_name_the_attribute():
+    """sampling_ratio above 1024 and more than 32 levels are rejected with the attribute, the
+    bound and the value given (jax_roi._ext.limits); the bounds themselves are accepted."""
+    f = jnp.zeros((1, 4, 4, 2), jnp.float32)
+    rois = jnp.asarray([[0, 0, 0, 2, 2]], jnp.float32)
+    level = jnp.zeros((1,), jnp.int32)
+    out = _raw_align(rois, level, [f], (1, 1, 1, 2), jnp.float32, sampling_ratio=np.int64(1024))
+    assert np.all(np.isfinite(np.asarray(out)))
+    with pytest.raises(Exception, match=r"sampling_ratio: expected at most 1024 .*got 1025"):
+        jax.block_until_ready(_raw_align(rois, level, [f], (1, 1, 1, 2), jnp.float32, sampling_ratio=np.int64(1025)))
+    jax.block_until_ready(_raw_align(rois, level, [f] * 32, (1, 1, 1, 2), jnp.float32,
+                                     spatial_scales=np.ones(32)))
+    with pytest.raises(Exception, match=r"expected at most 32 feature levels, got 33"):
+        jax.block_until_ready(_raw_align(rois, level, [f] * 33, (1, 1, 1, 2), jnp.float32,
+                                         spatial_scales=np.ones(33)))
 
 
 def test_raw_pool_and_backward_targets_reject_bad_arguments():

@@ -187,7 +187,6 @@ ROI_HDI int block_compact(const Block& blk, const PerThread<Block, int>& flag, P
 // ---------------------------------------------------------------------------------------
 // Feature levels, passed to the kernels by value (at most kMaxLevels, roi_limits.h).
 // ---------------------------------------------------------------------------------------
-
 struct Levels {
   int num;
   int64_t batch;      // images in the features (B)
@@ -214,7 +213,7 @@ struct AlignRoi {
   int64_t b;        // image index (against the images it was resolved for)
   int64_t H, W;
   AxisGeom<T> gy, gx;
-  int cy, cx;       // samples per bin along y and x (> 0 when live)
+  int cy, cx;       // samples visited per bin along y and x (> 0 when live)
   T ny, nx;         // per-axis normalisation: 1/count for an average, 1 for a maximum
 };
 
