@@ -5,10 +5,11 @@
 //   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd
 #include <pybind11/pybind11.h>
 
-#include "cpu_targets.h"
-#include "roi_limits.h"
+#include "common/roi_limits.h"
+#include "cpu/targets.h"
 
-// The CUDA kernels built by the host compiler (xla_ffi/cuda/emulated_*.cc): CPU handlers.
+// The CUDA kernels built by the host compiler (xla_ffi/cuda/emulated_*.cc, the same .cu
+// sources): CPU handlers with the CUDA targets' operands and attributes.
 extern "C" {
 XLA_FFI_Error* JaxRoiAlignForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiAlignBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
@@ -17,7 +18,7 @@ XLA_FFI_Error* JaxRoiPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 }
 
 #ifdef JAX_ROI_WITH_CUDA
-// The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/*_cuda.cu).
+// The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/cuda/*.cu).
 extern "C" {
 XLA_FFI_Error* JaxRoiAlignForwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiAlignBackwardCuda(XLA_FFI_CallFrame* call_frame);

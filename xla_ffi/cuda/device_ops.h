@@ -22,7 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "roi_math.h"
+#include "common/roi_math.h"
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>

@@ -5,17 +5,17 @@
 // V neighbouring channels of one bin (16-byte loads when C % V == 0), so every cell read is
 // coalesced. Backward: the first maximal cell (row-major, strict >) of each channel gets
 // the cotangent, by atomicAdd, or (deterministic != 0) by a gather over feature tiles as in
-// roi_align_bwd_cuda.cu: bitwise reproducible.
+// cuda/roi_align.cu: bitwise reproducible.
 //
 // Each kernel is a struct whose ROI_HD run() body takes its thread indices from the Block
 // (cuda/device_ops.h); PlanPool computes every launch's geometry. The same file built by
-// the host compiler (emulated_roi_pool.cc) runs these bodies on the CPU for the emulated
+// the host compiler (cuda/emulated_roi_pool.cc) runs these bodies on the CPU for the emulated
 // targets.
 //
-// The same operands and attributes as roi_pool_cpu.cc, plus `deterministic` on the backward.
+// The same operands and attributes as cpu/roi_pool.cc, plus `deterministic` on the backward.
 #include <string>
 
-#include "cuda_common.cuh"
+#include "cuda/common.cuh"
 
 namespace jax_roi {
 namespace JAX_ROI_CUDA_NS {
@@ -338,26 +338,6 @@ void LaunchPoolGather(Exec& exec, const PoolArgs<S>& args) {
   exec.template launch<PoolGatherKernel<S>>(p.geom, args, p.tiles);
 }
 
-ffi::Error DecodePool(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, double scale,
-                      int64_t binning, ffi::DataType* dtype, int64_t* num_rois) {
-  auto fd = features.dimensions();
-  if (fd.size() != 4) {
-    return Invalid(std::string(op) + ": features: expected rank 4 [B, H, W, C], got shape " + ShapeString(fd));
-  }
-  *dtype = features.element_type();
-  if (!DispatchFloat(*dtype, [](auto) {})) {
-    return Invalid(std::string(op) + ": features: expected float32, float64, bfloat16 or float16, got " +
-                   DtypeName(*dtype));
-  }
-  if (!(scale > 0) || !roi_finite(scale)) {
-    return Invalid(std::string(op) + ": spatial_scale: expected a finite number > 0, got " + std::to_string(scale));
-  }
-  if (binning != kPoolCaffe && binning != kPoolFloor) {
-    return Invalid(std::string(op) + ": binning: expected 0 (caffe) or 1 (floor), got " + std::to_string(binning));
-  }
-  return CheckRois(rois, *dtype, op, num_rois);
-}
-
 template <typename S>
 PoolArgs<S> MakePoolArgs(const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, int64_t num_rois, int64_t oh,
                          int64_t ow, double scale, int64_t binning) {
@@ -384,7 +364,7 @@ ffi::Error RoiPoolForwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer rois, ffi::AnyB
   auto exec = JAX_ROI_MAKE_EXEC();
   ffi::DataType dtype;
   int64_t K;
-  if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &K); err.failure()) return err;
+  if (auto err = CheckPool(op, rois, features, spatial_scale, binning, &dtype, &K); err.failure()) return err;
   const int64_t C = features.dimensions()[3];
   auto od = out->dimensions();
   if (od.size() != 4 || od[0] != K || od[1] < 1 || od[2] < 1 || od[3] != C || out->element_type() != dtype) {
@@ -410,15 +390,11 @@ ffi::Error RoiPoolBackwardImpl(JAX_ROI_EXEC_PARAMS ffi::AnyBuffer cot, ffi::AnyB
   auto exec = JAX_ROI_MAKE_EXEC();
   ffi::DataType dtype;
   int64_t K;
-  if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &K); err.failure()) return err;
+  if (auto err = CheckPool(op, rois, features, spatial_scale, binning, &dtype, &K); err.failure()) return err;
   auto fd = features.dimensions();
   const int64_t B = fd[0], H = fd[1], W = fd[2], C = fd[3];
   auto cd = cot.dimensions();
-  if (cd.size() != 4 || cd[0] != K || cd[1] < 1 || cd[2] < 1 || cd[3] != C || cot.element_type() != dtype) {
-    return Invalid(std::string(op) + ": cotangent: expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
-                   ", oh, ow, C=" + std::to_string(C) + "], got " + DtypeName(cot.element_type()) + " " +
-                   ShapeString(cd));
-  }
+  if (auto err = CheckCotangent(op, cot, K, C, dtype); err.failure()) return err;
   const ffi::DataType ctype = CoordType(dtype);
   auto dd = d_features->dimensions();
   const int64_t out_batch = dd.size() == 4 ? dd[0] : -1;

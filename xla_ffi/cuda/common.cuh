@@ -1,12 +1,11 @@
-// Shared plumbing of the CUDA kernels: storage and accumulation types, 16-byte vector
-// loads and stores, vector atomics, a block-wide ordered compaction, the feature-level
-// table passed to the kernels by value, the host-side argument checks (the same checks
-// and messages as the CPU handlers, cpu_common.h, which this file does not include: that
-// header pulls in the CPU SIMD code), and the two executors of a launch: CudaExec (nvcc:
+// Shared plumbing of the CUDA kernels: 16-byte vector loads and stores of the element types,
+// vector atomics, a block-wide ordered compaction, the feature-level table passed to the
+// kernels by value, the operand decoding into it (on the checks of common/checks.h, which
+// the CPU handlers use too), and the two executors of a launch: CudaExec (nvcc:
 // a kernel launch on the stream) and HostExec (host compiler: every block and thread run
 // on the calling thread, for the emulated targets).
 //
-// The per-sample arithmetic is roi_math.h's (ROI_HD functions), shared with the CPU path;
+// The per-sample arithmetic is common/roi_math.h's (ROI_HD functions), shared with the CPU path;
 // device-only operations come from cuda/device_ops.h. Build with --fmad=false and IEEE
 // division (no -use_fast_math), and the host twin with -ffp-contract=off: every coordinate
 // operation is rounded on its own, as on the CPU and in torchvision.
@@ -22,9 +21,11 @@
 #include <string>
 #include <vector>
 
+#include "common/checks.h"
+#include "common/element_types.h"
+#include "common/roi_limits.h"
+#include "common/roi_math.h"
 #include "cuda/device_ops.h"
-#include "roi_limits.h"
-#include "roi_math.h"
 #include "xla/ffi/api/ffi.h"
 
 // Inline in both builds; forced inline on the device, as the kernels were tuned with it.
@@ -40,49 +41,8 @@ namespace JAX_ROI_CUDA_NS {
 namespace ffi = xla::ffi;
 
 // ---------------------------------------------------------------------------------------
-// Element types
+// Vectors of the element types (bf16, f16, AccOf, to_acc, Store: common/element_types.h)
 // ---------------------------------------------------------------------------------------
-
-struct bf16 {
-  uint16_t bits;
-};
-struct f16 {
-  uint16_t bits;
-};
-
-// Accumulation (and coordinate) type of a storage type: float, double for double.
-template <typename S>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-ROI_HDI float to_acc(float v) { return v; }
-ROI_HDI double to_acc(double v) { return v; }
-ROI_HDI float to_acc(bf16 v) { return bf16_to_float(v.bits); }
-ROI_HDI float to_acc(f16 v) { return half_to_float(v.bits); }
-
-template <typename S>
-struct Store;
-template <>
-struct Store<float> {
-  ROI_HDI static float from(float v) { return v; }
-};
-template <>
-struct Store<double> {
-  ROI_HDI static double from(double v) { return v; }
-};
-template <>
-struct Store<bf16> {
-  ROI_HDI static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
-};
-template <>
-struct Store<f16> {
-  ROI_HDI static f16 from(float v) { return f16{float_to_half(v)}; }
-};
 
 // Channels per 16-byte vector.
 template <typename S>
@@ -282,183 +242,39 @@ ROI_HD inline bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins,
 }
 
 // ---------------------------------------------------------------------------------------
-// Host: dtype dispatch and argument checks (messages as the CPU handlers').
+// Host: the operand checks (common/checks.h, shared with the CPU handlers) into the CUDA
+// level table.
 // ---------------------------------------------------------------------------------------
 
-template <typename F>
-bool DispatchFloat(ffi::DataType dtype, F&& f) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      f(float{});
-      return true;
-    case ffi::DataType::F64:
-      f(double{});
-      return true;
-    case ffi::DataType::BF16:
-      f(bf16{});
-      return true;
-    case ffi::DataType::F16:
-      f(f16{});
-      return true;
-    default:
-      return false;
-  }
-}
-
-inline const char* DtypeName(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32:
-      return "float32";
-    case ffi::DataType::F64:
-      return "float64";
-    case ffi::DataType::BF16:
-      return "bfloat16";
-    case ffi::DataType::F16:
-      return "float16";
-    case ffi::DataType::S32:
-      return "int32";
-    case ffi::DataType::S64:
-      return "int64";
-    default:
-      return "an unsupported dtype";
-  }
-}
-
-inline std::string ShapeString(ffi::AnyBuffer::Dimensions d) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < d.size(); ++i) os << (i ? ", " : "") << d[i];
-  os << "]";
-  return os.str();
-}
-
-inline ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument(msg); }
-
-inline ffi::DataType CoordType(ffi::DataType feature_dtype) {
-  return feature_dtype == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
-}
-
-inline size_t DtypeBytes(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F64:
-      return 8;
-    case ffi::DataType::F32:
-      return 4;
-    default:
-      return 2;
-  }
-}
-
 // Checks the remaining args from `first` as `count` feature levels [B, H_l, W_l, C] of one
-// dtype and one B and C.
+// dtype and one B and C, and records them in lv.
 inline ffi::Error DecodeLevels(const ffi::RemainingArgs& args, size_t first, size_t count, ffi::DataType* dtype,
                                Levels* lv, const char* op) {
-  for (size_t l = 0; l < count; ++l) {
-    auto buf = args.get<ffi::AnyBuffer>(first + l);
-    if (buf.has_error()) return buf.error();
-    const ffi::AnyBuffer& f = *buf;
-    auto d = f.dimensions();
-    if (d.size() != 4) {
-      return Invalid(std::string(op) + ": features level " + std::to_string(l) +
-                     ": expected rank 4 [B, H, W, C], got shape " + ShapeString(d));
-    }
-    if (l == 0) {
-      *dtype = f.element_type();
-      lv->batch = d[0];
-      lv->channels = d[3];
-    } else {
-      if (f.element_type() != *dtype) {
-        return Invalid(std::string(op) + ": features level " + std::to_string(l) + ": expected dtype " +
-                       DtypeName(*dtype) + " like level 0, got " + DtypeName(f.element_type()));
-      }
-      if (d[0] != lv->batch || d[3] != lv->channels) {
-        return Invalid(std::string(op) + ": features level " + std::to_string(l) +
-                       ": expected the batch and channel sizes of level 0, got shape " + ShapeString(d));
-      }
-    }
-    lv->data[l] = f.untyped_data();
-    lv->grad[l] = nullptr;
-    lv->height[l] = d[1];
-    lv->width[l] = d[2];
-    lv->scale[l] = 1.0;
-  }
+  auto err = CheckLevels(args, first, count, op, dtype, &lv->batch, &lv->channels,
+                         [&](size_t l, const ffi::AnyBuffer& f) {
+                           auto d = f.dimensions();
+                           lv->data[l] = f.untyped_data();
+                           lv->grad[l] = nullptr;
+                           lv->height[l] = d[1];
+                           lv->width[l] = d[2];
+                           lv->scale[l] = 1.0;
+                         });
   lv->num = static_cast<int>(count);
   lv->out_batch = lv->batch;
-  return ffi::Error::Success();
+  return err;
 }
 
-inline ffi::Error CheckRois(const ffi::AnyBuffer& rois, ffi::DataType feature_dtype, const char* op,
-                            int64_t* num_rois) {
-  auto d = rois.dimensions();
-  if (d.size() != 2 || d[1] != 5) {
-    return Invalid(std::string(op) + ": rois: expected shape [K, 5], got " + ShapeString(d));
-  }
-  if (rois.element_type() != CoordType(feature_dtype)) {
-    return Invalid(std::string(op) + ": rois: expected dtype " + DtypeName(CoordType(feature_dtype)) + " for " +
-                   DtypeName(feature_dtype) + " features, got " + DtypeName(rois.element_type()));
-  }
-  *num_rois = d[0];
-  return ffi::Error::Success();
-}
-
-inline ffi::Error CheckShape(const ffi::AnyBuffer& b, std::initializer_list<int64_t> want, ffi::DataType dtype,
-                             const std::string& what) {
-  auto d = b.dimensions();
-  bool ok = d.size() == want.size();
-  size_t i = 0;
-  for (int64_t w : want) {
-    if (!ok) break;
-    ok = d[i++] == w;
-  }
-  if (!ok) {
-    std::ostringstream os;
-    os << "[";
-    i = 0;
-    for (int64_t w : want) os << (i++ ? ", " : "") << w;
-    os << "]";
-    return Invalid(what + ": expected shape " + os.str() + ", got " + ShapeString(d));
-  }
-  if (b.element_type() != dtype) {
-    return Invalid(what + ": expected dtype " + DtypeName(dtype) + ", got " + DtypeName(b.element_type()));
-  }
-  return ffi::Error::Success();
-}
-
-// Checks the roi_align operands and attributes (as roi_align_cpu.cc's DecodeAlign).
+// Checks the roi_align operands and attributes (as cpu/roi_align.cc's DecodeAlign).
 inline ffi::Error DecodeAlign(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& level,
-                       const ffi::RemainingArgs& feats, ffi::Span<const double> scales, int64_t sampling_ratio,
-                       int64_t aligned, int64_t reduction, int64_t quantize, ffi::DataType* dtype, AlignAttrs* at,
-                       Levels* lv) {
-  if (feats.size() < 1) return Invalid(std::string(op) + ": expected at least one feature level");
+                              const ffi::RemainingArgs& feats, ffi::Span<const double> scales, int64_t sampling_ratio,
+                              int64_t aligned, int64_t reduction, int64_t quantize, ffi::DataType* dtype,
+                              AlignAttrs* at, Levels* lv) {
   const size_t L = feats.size();
-  if (L > static_cast<size_t>(kMaxLevels)) {
-    return Invalid(std::string(op) + ": expected at most " + std::to_string(kMaxLevels) + " feature levels, got " +
-                   std::to_string(L));
-  }
-  if (scales.size() != L) {
-    return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" + std::to_string(L) +
-                   "), got " + std::to_string(scales.size()));
-  }
-  if (sampling_ratio > kMaxSamplingRatio) {
-    // Each thread visits sampling_ratio^2 samples per bin: an unbounded value stalls the GPU.
-    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
-                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
-  }
-  if (reduction != 0 && reduction != 1) {
-    return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));
-  }
+  if (auto err = CheckAlignAttrs(op, L, scales, sampling_ratio, reduction); err.failure()) return err;
   if (auto err = DecodeLevels(feats, 0, L, dtype, lv, op); err.failure()) return err;
-  for (size_t l = 0; l < L; ++l) {
-    if (!(scales[l] > 0) || !roi_finite(scales[l])) {
-      return Invalid(std::string(op) + ": spatial_scales: expected finite scales > 0, got " +
-                     std::to_string(scales[l]) + " for level " + std::to_string(l));
-    }
-    lv->scale[l] = scales[l];
-  }
-  if (!DispatchFloat(*dtype, [](auto) {})) {
-    return Invalid(std::string(op) + ": features: expected float32, float64, bfloat16 or float16, got " +
-                   DtypeName(*dtype));
-  }
+  if (auto err = CheckAlignScales(op, scales); err.failure()) return err;
+  for (size_t l = 0; l < L; ++l) lv->scale[l] = scales[l];
+  if (auto err = CheckFeatureDtype(op, *dtype); err.failure()) return err;
   if (auto err = CheckRois(rois, *dtype, op, &at->num_rois); err.failure()) return err;
   if (auto err = CheckShape(level, {at->num_rois}, ffi::DataType::S32, std::string(op) + ": level"); err.failure()) {
     return err;

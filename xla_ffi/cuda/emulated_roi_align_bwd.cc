@@ -1,4 +1,0 @@
-// The CUDA RoIAlign backward kernels and handler (roi_align_bwd_cuda.cu) compiled by the host
-// compiler: the emulated target, a CPU FFI handler that runs the CUDA kernel bodies block by
-// block on the calling thread (cuda/device_ops.h).
-#include "roi_align_bwd_cuda.cu"
