@@ -224,11 +224,13 @@ def test_align_many_rois_and_channels_f32():
                                    atol=2e-5, rtol=1e-5)
         cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
 
-        def grad(impl):
-            return jax.grad(lambda f, r: jnp.sum(impl.roi_align(f, r, (4, 3), spatial_scale=0.5, **opts) * cot),
-                            argnums=(0, 1))
+        def grad(impl, **extra):
+            return jax.grad(lambda f, r: jnp.sum(impl.roi_align(f, r, (4, 3), spatial_scale=0.5, **opts, **extra)
+                                                 * cot), argnums=(0, 1))
 
-        g = grad(F)
+        # On a GPU the default backward scatters with atomics (bits vary between runs): the
+        # repeat below asks for the deterministic one there.
+        g = grad(F, **_bitwise_backward())
         d_f, d_r = g(feats, rois)
         x_f, x_r = grad(XC)(feats, rois)
         np.testing.assert_allclose(d_f, x_f, atol=5e-5, rtol=1e-4)
@@ -582,6 +584,12 @@ def test_raw_pool_and_backward_targets_reject_bad_arguments():
             jnp.zeros((4, 2, 2, 3), jnp.float32), rois, jnp.zeros((4,), jnp.int32), f,
             spatial_scales=np.asarray([1.0]), sampling_ratio=np.int64(2), aligned=np.int64(1),
             reduction=np.int64(0), quantize=np.int64(0), rois_grad=np.int64(1), **_cuda_bwd_attrs()))
+
+
+def _bitwise_backward():
+    """Options for a kernel backward that must repeat bit for bit: the CUDA kernels' default
+    backward uses atomics, so on a GPU ask for the deterministic one."""
+    return dict(deterministic=True) if jax.default_backend() == "gpu" else {}
 
 
 def _cuda_bwd_attrs():
