@@ -26,7 +26,7 @@ print("sanitizer step: kernels from", sys.modules["jax_roi._ext"].__file__)')
 pytest -p no:cacheprovider -q tests/test_properties.py tests/test_roi_align.py tests/test_roi_pool.py -k "ffi or paths_agree"
 # The CUDA kernels' code run on the host under the same sanitizers: the emulated targets
 # against the CPU kernels on every code path and edge shape (K = 0, H = W = 1, C = 1, ragged
-# channel counts), and the edge-box tests through the emulated targets. Shared memory of
-# an emulated launch is an exact-size heap block, so an access past it is a report too.
+# channel counts) with the edge boxes (padding and out-of-range batch indices, NaN, inf,
+# 1e30, empty, inverted, off-map, covering). Shared memory of an emulated launch is an
+# exact-size heap block, so an access past it is a report too.
 pytest -p no:cacheprovider -q tests/test_cuda_emulation.py
-JAX_ROI_EMULATE_CUDA=1 pytest -p no:cacheprovider -q tests/test_ffi.py -k "absurd or empty_inputs or worked_example or first_maximum"
