@@ -321,6 +321,27 @@ def test_edge_boxes_bounded_time_finite(sampling_ratio, reduction, dtype):
         np.testing.assert_allclose(np.asarray(out)[12:], ref, atol=1e-12, rtol=1e-9)
 
 
+@pytest.mark.parametrize("reduction", ["avg", "max"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_windowed_boxes_match_oracle_with_box_gradients(reduction, aligned):
+    """Boxes far larger than the map (per-bin counts beyond the 2*size + 6 window, some
+    clamped at either end of the bin): outputs, feature and box gradients are the oracle's."""
+    rng = np.random.default_rng(52)
+    feats = jnp.asarray(rng.standard_normal((2, 6, 8, 5)))
+    rois = jnp.asarray([[0, -300.3, -200.7, 310.2, 190.4], [1, -2.5, -150.2, 400.6, 3.7],
+                        [0, -900.1, -1.3, 7.9, 700.2], [1, -55.5, -41.2, 60.7, 47.3]])
+    kw = dict(sampling_ratio=0, aligned=aligned, reduction=reduction)
+    out = F.roi_align(feats, rois, (2, 3), **kw)
+    ref = R.roi_align_ref(np.asarray(feats), np.asarray(rois), (2, 3), **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-12, rtol=1e-10)
+    cot = jnp.asarray(rng.standard_normal(out.shape))
+    d_f, d_r = jax.grad(lambda f, r: jnp.sum(F.roi_align(f, r, (2, 3), **kw) * cot), argnums=(0, 1))(feats, rois)
+    ref_f, ref_r = R.roi_align_ref_vjp(np.asarray(feats), np.asarray(rois), (2, 3), np.asarray(cot), **kw)
+    np.testing.assert_allclose(d_f, ref_f, atol=1e-12, rtol=1e-10)
+    np.testing.assert_allclose(d_r, ref_r, atol=1e-12, rtol=1e-9)
+    assert np.abs(np.asarray(d_r)).max() > 0
+
+
 def test_empty_inputs():
     feats = jnp.zeros((2, 5, 6, 3), jnp.float32)
     rois = jnp.zeros((0, 5), jnp.float32)
