@@ -47,7 +47,9 @@ def test_registration_is_idempotent_and_thread_safe():
     # registering the same capsules with JAX again is harmless too
     ext = _loader._state.get("ext")
     if ext is not None:
-        for name, capsule in ext.cpu_targets().items():
+        # the "cpu" targets in effect (the emulated CUDA ones under JAX_ROI_EMULATE_CUDA=1)
+        registered = ext.emulated_cuda_targets() if _loader.cuda_emulated() else ext.cpu_targets()
+        for name, capsule in registered.items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     out = jax_roi.roi_align(jnp.ones((1, 4, 4, 1)), jnp.array([[0, 0, 0, 3, 3.0]]), 1)
     np.testing.assert_allclose(float(out[0, 0, 0, 0]), 1.0, rtol=1e-12)
