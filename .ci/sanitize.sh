@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer, then the
-# property tests and the edge-box tests run through them on the kernel path. Any report
-# fails the step (halt_on_error), so a clean exit means zero reports.
+# The CPU kernels and the emulated CUDA kernels (the CUDA kernel bodies compiled for the
+# host) built with AddressSanitizer + UndefinedBehaviorSanitizer, then the property tests,
+# the edge-box tests and the emulation tests run through them on the kernel path. Any
+# report fails the step (halt_on_error), so a clean exit means zero reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build/sanitize
@@ -23,3 +24,9 @@ from jax_roi import ffi
 assert "cpu" in ffi.platforms(), "sanitized kernels not loaded"
 print("sanitizer step: kernels from", sys.modules["jax_roi._ext"].__file__)')
 pytest -p no:cacheprovider -q tests/test_properties.py tests/test_roi_align.py tests/test_roi_pool.py -k "ffi or paths_agree"
+# The CUDA kernels' code run on the host under the same sanitizers: the emulated targets
+# against the CPU kernels on every code path and edge shape (K = 0, H = W = 1, C = 1, ragged
+# channel counts) with the edge boxes (padding and out-of-range batch indices, NaN, inf,
+# 1e30, empty, inverted, off-map, covering). Shared memory of an emulated launch is an
+# exact-size heap block, so an access past it is a report too.
+pytest -p no:cacheprovider -q tests/test_cuda_emulation.py

@@ -409,16 +409,18 @@ def roi_align_ref(features, rois, output_size, spatial_scale=1.0, sampling_ratio
     ``coord_dtype=np.float32`` computes the box and sample coordinates in float32, as
     the docs prescribe for float32 features (and torchvision does); it only matters
     where a sample sits within rounding of a validity / clamp boundary."""
-    return _align_core(features, rois, output_size, None, spatial_scale, sampling_ratio,
-                       aligned, reduction, quantize, coord_dtype)
+    with np.errstate(over="ignore"):  # float32 coordinates of absurd boxes overflow, as in the kernels
+        return _align_core(features, rois, output_size, None, spatial_scale, sampling_ratio,
+                           aligned, reduction, quantize, coord_dtype)
 
 
 def roi_align_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0,
                       sampling_ratio=-1, aligned=True, reduction="avg", quantize=False,
                       coord_dtype=np.float64):
     """Returns (d_features [B,H,W,C], d_rois [K,5]) for the cotangent [K,oh,ow,C]."""
-    return _align_core(features, rois, output_size, cotangent, spatial_scale,
-                       sampling_ratio, aligned, reduction, quantize, coord_dtype)
+    with np.errstate(over="ignore"):
+        return _align_core(features, rois, output_size, cotangent, spatial_scale,
+                           sampling_ratio, aligned, reduction, quantize, coord_dtype)
 
 
 def align_sample_coords(rois, feature_hw, output_size, spatial_scale=1.0, sampling_ratio=-1,
@@ -432,9 +434,10 @@ def align_sample_coords(rois, feature_hw, output_size, spatial_scale=1.0, sampli
         if not np.all(np.isfinite(roi[1:])):
             res.append(None)
             continue
-        box = _AlignBox(roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned, quantize)
-        ys = [box.y(ph, iy) for ph in range(oh) for iy in box.ys(ph)]
-        xs = [box.x(pw, ix) for pw in range(ow) for ix in box.xs(pw)]
+        with np.errstate(over="ignore"):
+            box = _AlignBox(roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned, quantize)
+            ys = [box.y(ph, iy) for ph in range(oh) for iy in box.ys(ph)]
+            xs = [box.x(pw, ix) for pw in range(ow) for ix in box.xs(pw)]
         res.append((np.array(ys), np.array(xs), box))
     return res
 

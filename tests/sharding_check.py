@@ -6,6 +6,7 @@ result. Prints one JSON line per case."""
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU ones, on a GPU machine too
 
 import json  # noqa: E402
 import sys  # noqa: E402

@@ -159,11 +159,13 @@ def test_align_many_rois_and_channels_f32():
                                    atol=2e-5, rtol=1e-5)
         cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
 
-        def grad(impl):
-            return jax.grad(lambda f, r: jnp.sum(impl.roi_align(f, r, (4, 3), spatial_scale=0.5, **opts) * cot),
-                            argnums=(0, 1))
+        def grad(impl, **extra):
+            return jax.grad(lambda f, r: jnp.sum(impl.roi_align(f, r, (4, 3), spatial_scale=0.5, **opts, **extra)
+                                                 * cot), argnums=(0, 1))
 
-        g = grad(F)
+        # On a GPU the default backward scatters with atomics (bits vary between runs): the
+        # repeat below asks for the deterministic one there.
+        g = grad(F, **_bitwise_backward())
         d_f, d_r = g(feats, rois)
         x_f, x_r = grad(X)(feats, rois)
         np.testing.assert_allclose(d_f, x_f, atol=5e-5, rtol=1e-4)
@@ -257,6 +259,27 @@ def test_edge_boxes_bounded_time_finite(sampling_ratio, reduction, dtype, impl):
         # boxes 100x to 1e5x the map: still the oracle's numbers
         ref = R.roi_align_ref(np.asarray(feats), np.asarray(rois)[12:], (7, 7), **kw)
         np.testing.assert_allclose(np.asarray(out)[12:], ref, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("reduction", ["avg", "max"])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_windowed_boxes_match_oracle_with_box_gradients(reduction, aligned):
+    """Boxes far larger than the map (per-bin counts beyond the 2*size + 6 window, some
+    clamped at either end of the bin): outputs, feature and box gradients are the oracle's."""
+    rng = np.random.default_rng(52)
+    feats = jnp.asarray(rng.standard_normal((2, 6, 8, 5)))
+    rois = jnp.asarray([[0, -300.3, -200.7, 310.2, 190.4], [1, -2.5, -150.2, 400.6, 3.7],
+                        [0, -900.1, -1.3, 7.9, 700.2], [1, -55.5, -41.2, 60.7, 47.3]])
+    kw = dict(sampling_ratio=0, aligned=aligned, reduction=reduction)
+    out = F.roi_align(feats, rois, (2, 3), **kw)
+    ref = R.roi_align_ref(np.asarray(feats), np.asarray(rois), (2, 3), **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-12, rtol=1e-10)
+    cot = jnp.asarray(rng.standard_normal(out.shape))
+    d_f, d_r = jax.grad(lambda f, r: jnp.sum(F.roi_align(f, r, (2, 3), **kw) * cot), argnums=(0, 1))(feats, rois)
+    ref_f, ref_r = R.roi_align_ref_vjp(np.asarray(feats), np.asarray(rois), (2, 3), np.asarray(cot), **kw)
+    np.testing.assert_allclose(d_f, ref_f, atol=1e-12, rtol=1e-10)
+    np.testing.assert_allclose(d_r, ref_r, atol=1e-12, rtol=1e-9)
+    assert np.abs(np.asarray(d_r)).max() > 0
 
 
 def test_empty_inputs():
@@ -515,13 +538,26 @@ def test_raw_pool_and_backward_targets_reject_bad_arguments():
             rois, f, spatial_scale=np.float64(1), binning=np.int64(3)))
     with pytest.raises(Exception, match="d_features"):
         jax.block_until_ready(jax.ffi.ffi_call("jax_roi_roi_pool_bwd", jax.ShapeDtypeStruct((3, 5, 6, 3), jnp.float32))(
-            jnp.zeros((4, 2, 2, 3), jnp.float32), rois, f, spatial_scale=np.float64(1), binning=np.int64(0)))
+            jnp.zeros((4, 2, 2, 3), jnp.float32), rois, f, spatial_scale=np.float64(1), binning=np.int64(0),
+            **_cuda_bwd_attrs()))
     outs = [jax.ShapeDtypeStruct((4, 5), jnp.float32), jax.ShapeDtypeStruct((2, 5, 6, 3), jnp.float16)]
     with pytest.raises(Exception, match="jax_roi roi_align backward"):
         jax.block_until_ready(jax.ffi.ffi_call("jax_roi_roi_align_bwd", outs)(
             jnp.zeros((4, 2, 2, 3), jnp.float32), rois, jnp.zeros((4,), jnp.int32), f,
             spatial_scales=np.asarray([1.0]), sampling_ratio=np.int64(2), aligned=np.int64(1),
-            reduction=np.int64(0), quantize=np.int64(0), rois_grad=np.int64(1)))
+            reduction=np.int64(0), quantize=np.int64(0), rois_grad=np.int64(1), **_cuda_bwd_attrs()))
+
+
+def _bitwise_backward():
+    """Options for a kernel backward that must repeat bit for bit: the CUDA kernels' default
+    backward uses atomics, so on a GPU ask for the deterministic one."""
+    return dict(deterministic=True) if jax.default_backend() == "gpu" else {}
+
+
+def _cuda_bwd_attrs():
+    """The backward targets' extra attribute when the "cpu" targets are the emulated CUDA
+    kernels (JAX_ROI_EMULATE_CUDA=1): `deterministic`, as on CUDA."""
+    return dict(deterministic=np.int64(0)) if ffi.cuda_emulated() else {}
 
 
 # ----------------------------------------------------------------------------- SIMD variants

@@ -203,7 +203,9 @@ def test_loading_and_registering_twice_is_harmless():
     assert ffi.platforms() == _loader.platforms()
     assert "cpu" in _loader.load()[0]
     ext = _loader._state["ext"]
-    for name, capsule in ext.cpu_targets().items():  # the same pointer again: accepted
+    # The "cpu" targets in effect (the emulated CUDA ones under JAX_ROI_EMULATE_CUDA=1).
+    registered = ext.emulated_cuda_targets() if _loader.cuda_emulated() else ext.cpu_targets()
+    for name, capsule in registered.items():  # the same pointer again: accepted
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     saved = dict(_loader._state)
     try:

@@ -147,7 +147,10 @@ def test_jax_grad_equals_function_grad():
     g_fn = jax.jit(jax.grad(lambda f, b: jnp.sum(jax_roi.roi_align(f, b, 2, spatial_scale=0.5) * cot),
                             argnums=(0, 1)))(feats, boxes)
     for a, b in zip(g_mod, g_fn):
-        np.testing.assert_array_equal(a, b)
+        if jax.default_backend() == "gpu":  # two runs of an atomic (order-dependent) backward
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(a, b)
 
 
 def test_nnx_scan():

@@ -14,7 +14,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_batch_sharded_jit_is_local(implementation):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # Simulated CPU devices, on a GPU machine too (JAX_PLATFORMS=cpu).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), implementation],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,7 +34,7 @@ def test_sharded_head_example(implementation):
         f"r = sharded_head.main(['--steps', '40', '--implementation', '{implementation}']); "
         "print(json.dumps(dict(d=r['devices'], g=r['all_gathers'], first=sum(r['losses'][:5]) / 5, "
         "last=sum(r['losses'][-5:]) / 5, acc=sum(r['accuracies'][-5:]) / 5)))")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
                           cwd=os.path.dirname(HERE))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,11 +5,20 @@
 //   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd
 #include <pybind11/pybind11.h>
 
-#include "cpu_targets.h"
-#include "roi_limits.h"
+#include "common/roi_limits.h"
+#include "cpu/targets.h"
+
+// The CUDA kernels built by the host compiler (xla_ffi/cuda/emulated_*.cc, the same .cu
+// sources): CPU handlers with the CUDA targets' operands and attributes.
+extern "C" {
+XLA_FFI_Error* JaxRoiAlignForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+}
 
 #ifdef JAX_ROI_WITH_CUDA
-// The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/*_cuda.cu).
+// The CUDA FFI handlers (XLA_FFI_DEFINE_HANDLER_SYMBOL in xla_ffi/cuda/*.cu).
 extern "C" {
 XLA_FFI_Error* JaxRoiAlignForwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiAlignBackwardCuda(XLA_FFI_CallFrame* call_frame);
@@ -60,6 +69,17 @@ PYBIND11_MODULE(_ext, m) {
   m.def("cuda_targets", []() { return py::dict(); });
   m.attr("has_cuda") = false;
 #endif
+  // The CUDA kernels run on the host (JAX_ROI_EMULATE_CUDA=1): the CUDA targets' names,
+  // operands and attributes (the backward's `deterministic` too), registered for platform
+  // "cpu" in place of cpu_targets(). Slow; for tests of the CUDA kernels without a GPU.
+  m.def("emulated_cuda_targets", []() {
+    py::dict d;
+    d["jax_roi_roi_align_fwd"] = Capsule(JaxRoiAlignForwardCudaEmulated);
+    d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCudaEmulated);
+    d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCudaEmulated);
+    d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCudaEmulated);
+    return d;
+  });
   // The attribute limits every handler checks (roi_limits.h), so that Python's own checks
   // can be tested against them.
   {

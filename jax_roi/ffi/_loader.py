@@ -10,6 +10,11 @@ Where the extension comes from, first found wins:
 
 Registration is idempotent and thread-safe: the first call registers every target under a
 lock; later calls return the cached result.
+
+With the environment variable ``JAX_ROI_EMULATE_CUDA=1`` set before the first call, the CPU
+targets are the CUDA kernels compiled for the host (``_ext.emulated_cuda_targets()``: the
+CUDA targets' names and attributes, the backward's ``deterministic`` included) instead of
+the CPU kernels; :func:`cuda_emulated` says whether that is in effect.
 """
 
 from __future__ import annotations
@@ -80,6 +85,14 @@ def _register():
                     "rebuild with `pip install .`"), ext
     built = []
     cpu = ext.cpu_targets()
+    emulated = os.environ.get("JAX_ROI_EMULATE_CUDA", "") == "1"
+    if emulated:
+        emulated_targets = ext.emulated_cuda_targets() if hasattr(ext, "emulated_cuda_targets") else {}
+        if set(emulated_targets) != set(cpu):
+            return (), ("JAX_ROI_EMULATE_CUDA=1, but jax_roi._ext has no emulated CUDA targets; "
+                        "rebuild with `pip install .`"), ext
+        cpu = emulated_targets
+    _state["emulated"] = emulated
     for name, capsule in cpu.items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     if cpu:
@@ -106,6 +119,13 @@ def load() -> tuple[tuple[str, ...], str | None]:
             _state["error"] = error
             _state["platforms"] = built  # written last: the lock-free read above keys on it
     return _state["platforms"], _state["error"]
+
+
+def cuda_emulated() -> bool:
+    """Whether the CPU targets run the CUDA kernels' code (``JAX_ROI_EMULATE_CUDA=1`` when
+    the targets were registered)."""
+    load()
+    return bool(_state.get("emulated", False)) and bool(_state["platforms"])
 
 
 def platforms() -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-// The CPU FFI handlers (defined with XLA_FFI_DEFINE_HANDLER_SYMBOL in roi_*_cpu.cc).
+// The CPU FFI handlers (defined with XLA_FFI_DEFINE_HANDLER_SYMBOL in cpu/roi_*.cc).
 #ifndef JAX_ROI_XLA_FFI_CPU_TARGETS_H_
 #define JAX_ROI_XLA_FFI_CPU_TARGETS_H_
 
@@ -13,7 +13,7 @@ XLA_FFI_Error* JaxRoiPoolBackwardCpu(XLA_FFI_CallFrame* call_frame);
 
 namespace jax_roi {
 namespace cpu {
-// Whether the channel loops run their AVX2+FMA variants (cpu_simd.cc).
+// Whether the channel loops run their AVX2+FMA variants (cpu/simd.cc).
 bool SimdUsesAvx2();
 }  // namespace cpu
 }  // namespace jax_roi

@@ -1,5 +1,6 @@
-// Shared plumbing of the CPU kernels: element types, a deadlock-free parallel-for on XLA's
-// intra-op thread pool, and argument checks that turn into ffi::Error.
+// Shared plumbing of the CPU kernels: a deadlock-free parallel-for on XLA's intra-op thread
+// pool, the roi orders and backward work split, and the CPU level table. (Element types and
+// the operand checks every device shares: common/.)
 #ifndef JAX_ROI_XLA_FFI_CPU_COMMON_H_
 #define JAX_ROI_XLA_FFI_CPU_COMMON_H_
 
@@ -21,8 +22,9 @@
 #include <sys/mman.h>
 #endif
 
-#include "cpu_simd.h"
-#include "roi_math.h"
+#include "common/checks.h"
+#include "common/roi_math.h"
+#include "cpu/simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_roi {
@@ -30,55 +32,7 @@ namespace cpu {
 
 namespace ffi = xla::ffi;
 
-// Calls f.template operator()<S>() with the storage type of `dtype`; false if unsupported.
-template <typename F>
-bool DispatchFloat(ffi::DataType dtype, F&& f) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      f(float{});
-      return true;
-    case ffi::DataType::F64:
-      f(double{});
-      return true;
-    case ffi::DataType::BF16:
-      f(bf16{});
-      return true;
-    case ffi::DataType::F16:
-      f(f16{});
-      return true;
-    default:
-      return false;
-  }
-}
-
-inline const char* DtypeName(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32:
-      return "float32";
-    case ffi::DataType::F64:
-      return "float64";
-    case ffi::DataType::BF16:
-      return "bfloat16";
-    case ffi::DataType::F16:
-      return "float16";
-    case ffi::DataType::S32:
-      return "int32";
-    case ffi::DataType::S64:
-      return "int64";
-    default:
-      return "an unsupported dtype";
-  }
-}
-
-inline std::string ShapeString(ffi::AnyBuffer::Dimensions d) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < d.size(); ++i) os << (i ? ", " : "") << d[i];
-  os << "]";
-  return os.str();
-}
-
-inline ffi::Error Invalid(const std::string& msg) { return ffi::Error::InvalidArgument(msg); }
+// Dtype dispatch, names and the operand checks: common/checks.h.
 
 // ---------------------------------------------------------------------------------------
 // Parallel for. Work is split into `chunks` items claimed from an atomic counter by the
@@ -230,80 +184,16 @@ struct Level {
   double scale;
 };
 
-// Checks the remaining args as L feature levels [B, H_l, W_l, C] of one dtype, B and C.
+// Checks the remaining args as L feature levels [B, H_l, W_l, C] of one dtype, B and C
+// (common/checks.h) and records them.
 inline ffi::Error DecodeLevels(const ffi::RemainingArgs& args, size_t first, size_t count,
                                ffi::DataType* dtype, int64_t* channels, Level* levels,
                                const char* op) {
-  for (size_t l = 0; l < count; ++l) {
-    auto buf = args.get<ffi::AnyBuffer>(first + l);
-    if (buf.has_error()) return buf.error();
-    const ffi::AnyBuffer& f = *buf;
+  int64_t batch = 0;
+  return CheckLevels(args, first, count, op, dtype, &batch, channels, [&](size_t l, const ffi::AnyBuffer& f) {
     auto d = f.dimensions();
-    if (d.size() != 4) {
-      return Invalid(std::string(op) + ": features level " + std::to_string(l) +
-                     ": expected rank 4 [B, H, W, C], got shape " + ShapeString(d));
-    }
-    if (l == 0) {
-      *dtype = f.element_type();
-      *channels = d[3];
-    } else {
-      if (f.element_type() != *dtype) {
-        return Invalid(std::string(op) + ": features level " + std::to_string(l) + ": expected dtype " +
-                       DtypeName(*dtype) + " like level 0, got " + DtypeName(f.element_type()));
-      }
-      if (d[0] != levels[0].batch || d[3] != *channels) {
-        return Invalid(std::string(op) + ": features level " + std::to_string(l) +
-                       ": expected the batch and channel sizes of level 0, got shape " + ShapeString(d));
-      }
-    }
-    levels[l].data = f.untyped_data();
-    levels[l].batch = d[0];
-    levels[l].height = d[1];
-    levels[l].width = d[2];
-    levels[l].scale = 1.0;
-  }
-  return ffi::Error::Success();
-}
-
-inline ffi::DataType CoordType(ffi::DataType feature_dtype) {
-  return feature_dtype == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
-}
-
-inline ffi::Error CheckRois(const ffi::AnyBuffer& rois, ffi::DataType feature_dtype, const char* op,
-                            int64_t* num_rois) {
-  auto d = rois.dimensions();
-  if (d.size() != 2 || d[1] != 5) {
-    return Invalid(std::string(op) + ": rois: expected shape [K, 5], got " + ShapeString(d));
-  }
-  if (rois.element_type() != CoordType(feature_dtype)) {
-    return Invalid(std::string(op) + ": rois: expected dtype " + DtypeName(CoordType(feature_dtype)) +
-                   " for " + DtypeName(feature_dtype) + " features, got " + DtypeName(rois.element_type()));
-  }
-  *num_rois = d[0];
-  return ffi::Error::Success();
-}
-
-inline ffi::Error CheckShape(const ffi::AnyBuffer& b, std::initializer_list<int64_t> want, ffi::DataType dtype,
-                             const std::string& what) {
-  auto d = b.dimensions();
-  bool ok = d.size() == want.size();
-  size_t i = 0;
-  for (int64_t w : want) {
-    if (!ok) break;
-    ok = d[i++] == w;
-  }
-  if (!ok) {
-    std::ostringstream os;
-    os << "[";
-    i = 0;
-    for (int64_t w : want) os << (i++ ? ", " : "") << w;
-    os << "]";
-    return Invalid(what + ": expected shape " + os.str() + ", got " + ShapeString(d));
-  }
-  if (b.element_type() != dtype) {
-    return Invalid(what + ": expected dtype " + DtypeName(dtype) + ", got " + DtypeName(b.element_type()));
-  }
-  return ffi::Error::Success();
+    levels[l] = Level{f.untyped_data(), d[0], d[1], d[2], 1.0};
+  });
 }
 
 }  // namespace cpu

@@ -14,8 +14,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_common.h"
-#include "roi_limits.h"
+#include "common/checks.h"
+#include "common/roi_limits.h"
+#include "cpu/common.h"
 
 namespace jax_roi {
 namespace cpu {
@@ -314,8 +315,10 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
               A dots[4];
               Dot4(gp, p_ll, p_lh, p_hl, p_hh, cw, dots);
               const A g_ll = dots[0], g_lh = dots[1], g_hl = dots[2], g_hh = dots[3];
-              dpy[ph * ty.bound + iy] += a.dw * (e.w_lo * (g_hl - g_ll) + e.w_hi * (g_hh - g_lh));
-              dpx[pw * tx.bound + ix] += e.dw * (a.w_lo * (g_lh - g_ll) + a.w_hi * (g_hh - g_hl));
+              A d_py, d_px;
+              bilinear_position_grad(a, e, A(1), g_ll, g_lh, g_hl, g_hh, &d_py, &d_px);
+              dpy[ph * ty.bound + iy] += d_py;
+              dpx[pw * tx.bound + ix] += d_px;
             }
           }
         } else {
@@ -344,8 +347,10 @@ void AlignBackwardBlock(const AlignConfig& cfg, const S* cot, const typename Acc
             if (rois_grad) {
               const A f_ll = to_acc(img[o_ll]), f_lh = to_acc(img[o_lh]);
               const A f_hl = to_acc(img[o_hl]), f_hh = to_acc(img[o_hh]);
-              dpy[ph * ty.bound + iy] += gc * a.dw * (e.w_lo * (f_hl - f_ll) + e.w_hi * (f_hh - f_lh));
-              dpx[pw * tx.bound + ix] += gc * e.dw * (a.w_lo * (f_lh - f_ll) + a.w_hi * (f_hh - f_hl));
+              A d_py, d_px;
+              bilinear_position_grad(a, e, gc, f_ll, f_lh, f_hl, f_hh, &d_py, &d_px);
+              dpy[ph * ty.bound + iy] += d_py;
+              dpx[pw * tx.bound + ix] += d_px;
             }
           }
         }
@@ -383,40 +388,15 @@ ffi::Error DecodeAlign(const char* op, const ffi::AnyBuffer& rois, const ffi::An
                        const ffi::RemainingArgs& feats, size_t first_level, ffi::Span<const double> scales,
                        int64_t sampling_ratio, int64_t aligned, int64_t reduction, int64_t quantize,
                        ffi::DataType* dtype, AlignConfig* cfg) {
-  const size_t L = feats.size() - first_level;
-  if (feats.size() < first_level + 1) return Invalid(std::string(op) + ": expected at least one feature level");
-  if (L > static_cast<size_t>(kMaxLevels)) {
-    return Invalid(std::string(op) + ": expected at most " + std::to_string(kMaxLevels) + " feature levels, got " +
-                   std::to_string(L));
-  }
-  if (scales.size() != L) {
-    return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" + std::to_string(L) +
-                   "), got " + std::to_string(scales.size()));
-  }
-  if (sampling_ratio > kMaxSamplingRatio) {
-    // Per-bin tap buffers grow with its square; torchvision-scale values are far below.
-    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
-                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
-  }
-  if (reduction != 0 && reduction != 1) {
-    return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));
-  }
+  const size_t L = feats.size() < first_level ? 0 : feats.size() - first_level;
+  if (auto err = CheckAlignAttrs(op, L, scales, sampling_ratio, reduction); err.failure()) return err;
   cfg->num_levels = static_cast<int64_t>(L);
   if (auto err = DecodeLevels(feats, first_level, L, dtype, &cfg->channels, cfg->levels, op); err.failure()) {
     return err;
   }
-  for (size_t l = 0; l < L; ++l) {
-    if (!(scales[l] > 0) || !roi_finite(scales[l])) {
-      return Invalid(std::string(op) + ": spatial_scales: expected finite scales > 0, got " +
-                     std::to_string(scales[l]) + " for level " + std::to_string(l));
-    }
-    cfg->levels[l].scale = scales[l];
-  }
-  bool supported = DispatchFloat(*dtype, [](auto) {});
-  if (!supported) {
-    return Invalid(std::string(op) + ": features: expected float32, float64, bfloat16 or float16, got " +
-                   DtypeName(*dtype));
-  }
+  if (auto err = CheckAlignScales(op, scales); err.failure()) return err;
+  for (size_t l = 0; l < L; ++l) cfg->levels[l].scale = scales[l];
+  if (auto err = CheckFeatureDtype(op, *dtype); err.failure()) return err;
   if (auto err = CheckRois(rois, *dtype, op, &cfg->num_rois); err.failure()) return err;
   if (auto err = CheckShape(level, {cfg->num_rois}, ffi::DataType::S32, std::string(op) + ": level"); err.failure()) {
     return err;
@@ -491,11 +471,7 @@ ffi::Error RoiAlignBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::A
   }
   const int64_t K = cfg.num_rois, C = cfg.channels;
   auto cd = cot.dimensions();
-  if (cd.size() != 4 || cd[0] != K || cd[1] < 1 || cd[2] < 1 || cd[3] != C || cot.element_type() != dtype) {
-    return Invalid(std::string(op) + ": cotangent: expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
-                   ", oh, ow, C=" + std::to_string(C) + "], got " + DtypeName(cot.element_type()) + " " +
-                   ShapeString(cd));
-  }
+  if (auto err = CheckCotangent(op, cot, K, C, dtype); err.failure()) return err;
   cfg.oh = cd[1];
   cfg.ow = cd[2];
   const ffi::DataType ctype = CoordType(dtype);

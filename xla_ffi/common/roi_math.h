@@ -277,6 +277,18 @@ ROI_HD inline Tap<T> bilinear_tap(T pos, int64_t size, bool exists, T norm) {
   return t;
 }
 
+// The box gradient's per-sample term, shared by every backward kernel: the derivative of
+// g * (bilinear value) with respect to the sample's y and x positions, for the taps ty
+// (rows) and tx (columns) and the four tap values v_ll (row lo, column lo), v_lh, v_hl, v_hh
+// (for an average, v are <cotangent, feature> dot products and g = 1; for a maximum, the
+// winner's feature values and g its cotangent). Zero along an axis whose clamp holds (dw 0).
+template <typename T>
+ROI_HD inline void bilinear_position_grad(const Tap<T>& ty, const Tap<T>& tx, T g, T v_ll, T v_lh, T v_hl, T v_hh,
+                                          T* d_py, T* d_px) {
+  *d_py = g * ty.dw * (tx.w_lo * (v_hl - v_ll) + tx.w_hi * (v_hh - v_lh));
+  *d_px = g * tx.dw * (ty.w_lo * (v_lh - v_ll) + ty.w_hi * (v_hh - v_hl));
+}
+
 // ---------------------------------------------------------------------------------------
 // RoIPool: per-axis bin ranges
 // ---------------------------------------------------------------------------------------

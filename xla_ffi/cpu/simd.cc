@@ -1,11 +1,11 @@
-// Instantiations of the channel-loop kernels of cpu_simd.h. On x86-64 every kernel exists
+// Instantiations of the channel-loop kernels of cpu/simd.h. On x86-64 every kernel exists
 // twice, for the baseline ISA and for AVX2+FMA (a per-function target attribute, so that no
 // out-of-line code is compiled for AVX2 by accident), and the exported function picks one
 // at run time: AVX2+FMA where the CPU has both, unless the environment variable
 // JAX_ROI_NO_AVX2 is set (tests use it to check the baseline path).
 #include <cstdlib>
 
-#include "cpu_simd.h"
+#include "cpu/simd.h"
 
 namespace jax_roi {
 namespace cpu {

@@ -1,10 +1,11 @@
 // Channel-loop kernels of the CPU ops, written with GCC/Clang vector extensions (portable:
 // SSE2 on any x86-64, NEON on aarch64). On x86-64 each kernel is also compiled for
-// AVX2+FMA and picked at run time (cpu_simd.cc): the wheel needs no -march and still uses
+// AVX2+FMA and picked at run time (cpu/simd.cc): the wheel needs no -march and still uses
 // the wider unit where present. The channel sums may use fused multiply-add there (their
 // order already differs from the pure-JAX path's); the coordinate arithmetic never does.
 //
-// Storage types S: float, double, bf16, f16; accumulation A: float (double for double).
+// Storage types S: float, double, bf16, f16; accumulation A: float (double for double)
+// (common/element_types.h).
 #ifndef JAX_ROI_XLA_FFI_CPU_SIMD_H_
 #define JAX_ROI_XLA_FFI_CPU_SIMD_H_
 
@@ -13,50 +14,13 @@
 #include <limits>
 #include <type_traits>
 
-#include "roi_math.h"
+#include "common/element_types.h"
+#include "common/roi_math.h"
 
 namespace jax_roi {
 namespace cpu {
 
-struct bf16 {
-  uint16_t bits;
-};
-struct f16 {
-  uint16_t bits;
-};
-
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
-inline float to_acc(bf16 v) { return bf16_to_float(v.bits); }
-inline float to_acc(f16 v) { return half_to_float(v.bits); }
-
-template <typename S>
-struct Store;
-template <>
-struct Store<float> {
-  static float from(float v) { return v; }
-};
-template <>
-struct Store<double> {
-  static double from(double v) { return v; }
-};
-template <>
-struct Store<bf16> {
-  static bf16 from(float v) { return bf16{float_to_bf16(v)}; }
-};
-template <>
-struct Store<f16> {
-  static f16 from(float v) { return f16{float_to_half(v)}; }
-};
-
-template <typename S>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+// Element types (bf16, f16, AccOf, to_acc, Store): common/element_types.h.
 
 #define JAX_ROI_INLINE inline __attribute__((always_inline))
 

@@ -10,7 +10,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_common.h"
+#include "common/checks.h"
+#include "cpu/common.h"
 
 namespace jax_roi {
 namespace cpu {
@@ -123,20 +124,8 @@ void PoolBackwardBlock(const PoolConfig& cfg, const S* cot, const typename AccOf
 
 ffi::Error DecodePool(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, double scale,
                       int64_t binning, ffi::DataType* dtype, PoolConfig* cfg) {
+  if (auto err = CheckPool(op, rois, features, scale, binning, dtype, &cfg->num_rois); err.failure()) return err;
   auto fd = features.dimensions();
-  if (fd.size() != 4) return Invalid(std::string(op) + ": features: expected rank 4 [B, H, W, C], got shape " + ShapeString(fd));
-  *dtype = features.element_type();
-  if (!DispatchFloat(*dtype, [](auto) {})) {
-    return Invalid(std::string(op) + ": features: expected float32, float64, bfloat16 or float16, got " +
-                   DtypeName(*dtype));
-  }
-  if (!(scale > 0) || !roi_finite(scale)) {
-    return Invalid(std::string(op) + ": spatial_scale: expected a finite number > 0, got " + std::to_string(scale));
-  }
-  if (binning != kPoolCaffe && binning != kPoolFloor) {
-    return Invalid(std::string(op) + ": binning: expected 0 (caffe) or 1 (floor), got " + std::to_string(binning));
-  }
-  if (auto err = CheckRois(rois, *dtype, op, &cfg->num_rois); err.failure()) return err;
   cfg->level = Level{features.untyped_data(), fd[0], fd[1], fd[2], scale};
   cfg->channels = fd[3];
   cfg->binning = binning;
@@ -190,11 +179,7 @@ ffi::Error RoiPoolBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer cot, ffi::An
   if (auto err = DecodePool(op, rois, features, spatial_scale, binning, &dtype, &cfg); err.failure()) return err;
   const int64_t K = cfg.num_rois, C = cfg.channels;
   auto cd = cot.dimensions();
-  if (cd.size() != 4 || cd[0] != K || cd[1] < 1 || cd[2] < 1 || cd[3] != C || cot.element_type() != dtype) {
-    return Invalid(std::string(op) + ": cotangent: expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
-                   ", oh, ow, C=" + std::to_string(C) + "], got " + DtypeName(cot.element_type()) + " " +
-                   ShapeString(cd));
-  }
+  if (auto err = CheckCotangent(op, cot, K, C, dtype); err.failure()) return err;
   cfg.oh = cd[1];
   cfg.ow = cd[2];
   const ffi::DataType ctype = CoordType(dtype);

@@ -1,0 +1,281 @@
+"""The CUDA kernels' own code, run on the host (the emulated targets, ``_ext.emulated_cuda_targets()``),
+against the CPU kernels, call by call, on the shapes that pick different code paths of the
+CUDA kernels: channel counts divisible by the 16-byte vector width and not, C = 1, K = 0,
+H = W = 1, every dtype, both backward modes (atomic scatter and the deterministic tile
+gather), forward and both gradients.
+
+Both sets of targets are registered here under names of their own, so this module runs the
+same with or without ``JAX_ROI_EMULATE_CUDA=1``.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_roi.ffi import _loader
+from conftest import random_rois
+
+_loader.load()
+_ext = sys.modules.get("jax_roi._ext")
+pytestmark = pytest.mark.skipif(_ext is None or not hasattr(_ext, "emulated_cuda_targets"),
+                                reason="jax_roi._ext is not built (or has no emulated CUDA targets)")
+
+CPU, EMU = "jax_roi_test_cpu_", "jax_roi_test_emulated_"
+
+
+def _register():
+    for prefix, targets in ((CPU, _ext.cpu_targets()), (EMU, _ext.emulated_cuda_targets())):
+        for name, capsule in targets.items():
+            jax.ffi.register_ffi_target(prefix + name[len("jax_roi_"):], capsule, platform="cpu")
+
+
+if _ext is not None and hasattr(_ext, "emulated_cuda_targets"):
+    _register()
+
+DTYPES = [jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16]
+# Channels per 16-byte vector of each dtype.
+VEC = {jnp.float64: 2, jnp.float32: 4, jnp.bfloat16: 8, jnp.float16: 8}
+# (atol, rtol) between the two kernels: the channel sums may round differently.
+TOL = {jnp.float64: (1e-11, 1e-11), jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 2e-2),
+       jnp.float16: (3e-3, 3e-3)}
+
+
+def _acc(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _features(rng, shape, dtype):
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def _rois(rng, num_images, h, w, count, dtype, edge=True):
+    return jnp.asarray(random_rois(rng, num_images, h, w, count, scale=0.5, edge=edge), _acc(dtype))
+
+
+def _close(a, b, dtype, what):
+    atol, rtol = TOL[dtype]
+    a = np.asarray(jnp.asarray(a, jnp.float64))
+    b = np.asarray(jnp.asarray(b, jnp.float64))
+    assert a.shape == b.shape, what
+    scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+    np.testing.assert_allclose(a, b, atol=atol * scale, rtol=rtol, err_msg=what)
+
+
+def _channel_cases(dtype):
+    v = VEC[dtype]
+    return sorted({1, v, v + 1, 3 * v})
+
+
+# ---------------------------------------------------------------------------------------
+# roi_pool
+# ---------------------------------------------------------------------------------------
+
+def _pool_fwd(prefix, rois, x, out_hw, scale, binning):
+    out = jax.ShapeDtypeStruct((rois.shape[0],) + out_hw + (x.shape[-1],), x.dtype)
+    return jax.ffi.ffi_call(prefix + "roi_pool_fwd", out)(rois, x, spatial_scale=np.float64(scale),
+                                                          binning=np.int64(binning))
+
+
+def _pool_bwd(prefix, cot, rois, x, scale, binning, out_images, deterministic=None):
+    out = jax.ShapeDtypeStruct((out_images,) + x.shape[1:], _acc(x.dtype))
+    attrs = dict(spatial_scale=np.float64(scale), binning=np.int64(binning))
+    if deterministic is not None:
+        attrs["deterministic"] = np.int64(deterministic)
+    return jax.ffi.ffi_call(prefix + "roi_pool_bwd", out)(cot, rois, x, **attrs)
+
+
+POOL_SHAPES = [(2, 7, 9), (1, 1, 1), (3, 12, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("bhw", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("binning", [0, 1], ids=["caffe", "floor"])
+def test_roi_pool(dtype, bhw, binning):
+    rng = np.random.default_rng(hash((jnp.dtype(dtype).name, bhw, binning)) % 2**32)
+    b, h, w = bhw
+    for c in _channel_cases(dtype):
+        x = _features(rng, (b, h, w, c), dtype)
+        rois = _rois(rng, b, h, w, 5, dtype)
+        out_hw = (3, 2)
+        want = _pool_fwd(CPU, rois, x, out_hw, 0.5, binning)
+        got = _pool_fwd(EMU, rois, x, out_hw, 0.5, binning)
+        _close(got, want, dtype, f"forward C={c}")
+        cot = _features(rng, want.shape, dtype)
+        for out_images in (b, 2 * b):  # 2 * b: a vmapped call's folded images
+            want_d = _pool_bwd(CPU, cot, rois, x, 0.5, binning, out_images)
+            for det in (0, 1):
+                got_d = _pool_bwd(EMU, cot, rois, x, 0.5, binning, out_images, det)
+                _close(got_d, want_d, dtype, f"backward C={c} deterministic={det} images={out_images}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_roi_pool_no_rois(dtype):
+    rng = np.random.default_rng(1)
+    x = _features(rng, (2, 5, 6, 8), dtype)
+    rois = jnp.zeros((0, 5), _acc(dtype))
+    assert _pool_fwd(EMU, rois, x, (2, 2), 1.0, 0).shape == (0, 2, 2, 8)
+    cot = jnp.zeros((0, 2, 2, 8), dtype)
+    for det in (0, 1):
+        d = _pool_bwd(EMU, cot, rois, x, 1.0, 0, 2, det)
+        assert not np.any(np.asarray(d))
+
+
+def test_roi_pool_deterministic_is_bitwise_reproducible():
+    rng = np.random.default_rng(2)
+    x = _features(rng, (2, 9, 11, 5), jnp.float32)
+    rois = _rois(rng, 2, 9, 11, 12, jnp.float32)
+    cot = _features(rng, (rois.shape[0], 3, 3, 5), jnp.float32)
+    a = _pool_bwd(EMU, cot, rois, x, 0.5, 0, 2, 1)
+    b = _pool_bwd(EMU, cot, rois, x, 0.5, 0, 2, 1)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------
+# roi_align (avg / max), roi_warp (quantize) and multi-level roi_align
+# ---------------------------------------------------------------------------------------
+
+# (sampling_ratio, aligned, quantize)
+MODES = {"aligned": (0, 1, 0), "legacy": (2, 0, 0), "warp": (2, 0, 1), "aligned_sr3": (3, 1, 0)}
+
+
+def _align_attrs(scales, mode, reduction):
+    sr, aligned, quantize = MODES[mode]
+    return dict(spatial_scales=np.asarray(scales, np.float64), sampling_ratio=np.int64(sr),
+                aligned=np.int64(aligned), reduction=np.int64(reduction), quantize=np.int64(quantize))
+
+
+def _align_fwd(prefix, rois, level, feats, out_hw, attrs):
+    out = jax.ShapeDtypeStruct((rois.shape[0],) + out_hw + (feats[0].shape[-1],), feats[0].dtype)
+    return jax.ffi.ffi_call(prefix + "roi_align_fwd", out)(rois, level, *feats, **attrs)
+
+
+def _align_bwd(prefix, cot, rois, level, feats, attrs, rois_grad, out_images, deterministic=None):
+    acc = _acc(feats[0].dtype)
+    outs = [jax.ShapeDtypeStruct(rois.shape, rois.dtype)]
+    outs += [jax.ShapeDtypeStruct((out_images,) + f.shape[1:], acc) for f in feats]
+    extra = {} if deterministic is None else dict(deterministic=np.int64(deterministic))
+    res = jax.ffi.ffi_call(prefix + "roi_align_bwd", outs)(cot, rois, level, *feats, rois_grad=np.int64(rois_grad),
+                                                           **attrs, **extra)
+    return res[0], res[1:]
+
+
+def _check_align(rng, dtype, feats, scales, rois, level, mode, reduction, out_hw=(3, 2), out_images=None,
+                 rois_grads=None):
+    attrs = _align_attrs(scales, mode, reduction)
+    want = _align_fwd(CPU, rois, level, feats, out_hw, attrs)
+    got = _align_fwd(EMU, rois, level, feats, out_hw, attrs)
+    c = feats[0].shape[-1]
+    _close(got, want, dtype, f"forward C={c}")
+    cot = _features(rng, want.shape, dtype)
+    out_images = feats[0].shape[0] if out_images is None else out_images
+    quantize = MODES[mode][2]
+    for rois_grad in rois_grads or ([0] if quantize else [1]):
+        want_r, want_f = _align_bwd(CPU, cot, rois, level, feats, attrs, rois_grad, out_images)
+        for det in (0, 1):
+            got_r, got_f = _align_bwd(EMU, cot, rois, level, feats, attrs, rois_grad, out_images, det)
+            what = f"C={c} deterministic={det} rois_grad={rois_grad}"
+            acc = _acc(dtype)
+            for l, (g, w) in enumerate(zip(got_f, want_f)):
+                _close(g, w, acc, f"d_features level {l} {what}")
+            if rois_grad:
+                _close(got_r, want_r, acc, f"d_rois {what}")
+            else:
+                assert not np.any(np.asarray(got_r)), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("mode", ["aligned", "legacy", "warp"])
+@pytest.mark.parametrize("reduction", [0, 1], ids=["avg", "max"])
+def test_roi_align(dtype, mode, reduction):
+    rng = np.random.default_rng(hash((jnp.dtype(dtype).name, mode, reduction)) % 2**32)
+    b, h, w = 2, 7, 9
+    for c in _channel_cases(dtype):
+        x = _features(rng, (b, h, w, c), dtype)
+        rois = _rois(rng, b, h, w, 6, dtype)
+        level = jnp.zeros((rois.shape[0],), jnp.int32)
+        _check_align(rng, dtype, (x,), (0.5,), rois, level, mode, reduction)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("reduction", [0, 1], ids=["avg", "max"])
+def test_roi_align_multi_level(dtype, reduction):
+    """Three levels (one 1 x 1), level indices out of range too; a vmapped call's folded
+    images (d_features of 2B images)."""
+    rng = np.random.default_rng(5 + reduction)
+    b, c = 2, VEC[dtype] * 2
+    shapes = [(12, 16), (6, 8), (1, 1)]
+    scales = (0.5, 0.25, 0.0625)
+    feats = tuple(_features(rng, (b, hh, ww, c), dtype) for hh, ww in shapes)
+    rois = _rois(rng, b, 12, 16, 9, dtype)
+    level = jnp.asarray(rng.integers(-1, 4, rois.shape[0]), jnp.int32)  # -1 and 3: dead
+    _check_align(rng, dtype, feats, scales, rois, level, "aligned", reduction, out_hw=(2, 3))
+    _check_align(rng, dtype, feats, scales, rois, level, "aligned_sr3", reduction, out_images=2 * b,
+                 rois_grads=[0, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_roi_align_one_pixel_map(dtype):
+    rng = np.random.default_rng(7)
+    for c in (1, VEC[dtype], VEC[dtype] + 1):
+        x = _features(rng, (2, 1, 1, c), dtype)
+        rois = _rois(rng, 2, 1, 1, 4, dtype)
+        level = jnp.zeros((rois.shape[0],), jnp.int32)
+        for reduction in (0, 1):
+            _check_align(rng, dtype, (x,), (1.0,), rois, level, "aligned", reduction, out_hw=(2, 2))
+
+
+def test_roi_align_large_channels():
+    """C past one block's 256 channel vectors / one gather chunk's 128 channels."""
+    rng = np.random.default_rng(8)
+    for dtype, c in ((jnp.float32, 1028), (jnp.float64, 130), (jnp.float16, 264)):
+        x = _features(rng, (1, 5, 6, c), dtype)
+        rois = _rois(rng, 1, 5, 6, 3, dtype, edge=False)
+        level = jnp.zeros((rois.shape[0],), jnp.int32)
+        _check_align(rng, dtype, (x,), (0.5,), rois, level, "aligned", 0, out_hw=(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_roi_align_no_rois(dtype):
+    rng = np.random.default_rng(9)
+    x = _features(rng, (2, 5, 6, 8), dtype)
+    rois = jnp.zeros((0, 5), _acc(dtype))
+    level = jnp.zeros((0,), jnp.int32)
+    attrs = _align_attrs((1.0,), "aligned", 0)
+    assert _align_fwd(EMU, rois, level, (x,), (2, 2), attrs).shape == (0, 2, 2, 8)
+    cot = jnp.zeros((0, 2, 2, 8), dtype)
+    for det in (0, 1):
+        d_rois, (d_x,) = _align_bwd(EMU, cot, rois, level, (x,), attrs, 1, 2, det)
+        assert d_rois.shape == (0, 5) and not np.any(np.asarray(d_x))
+
+
+def test_roi_align_deterministic_is_bitwise_reproducible():
+    rng = np.random.default_rng(10)
+    x = _features(rng, (2, 9, 11, 5), jnp.float32)
+    rois = _rois(rng, 2, 9, 11, 12, jnp.float32)
+    level = jnp.zeros((rois.shape[0],), jnp.int32)
+    attrs = _align_attrs((0.5,), "aligned", 0)
+    cot = _features(rng, (rois.shape[0], 3, 3, 5), jnp.float32)
+    a = _align_bwd(EMU, cot, rois, level, (x,), attrs, 1, 2, 1)
+    b = _align_bwd(EMU, cot, rois, level, (x,), attrs, 1, 2, 1)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_emulated_targets_take_the_cuda_attributes():
+    """The emulated backward targets want `deterministic`, as the CUDA ones; the CPU ones
+    do not take it."""
+    rng = np.random.default_rng(11)
+    x = _features(rng, (1, 4, 4, 2), jnp.float32)
+    rois = jnp.asarray([[0, 0, 0, 3, 3]], jnp.float32)
+    level = jnp.zeros((1,), jnp.int32)
+    attrs = _align_attrs((1.0,), "aligned", 0)
+    cot = jnp.ones((1, 2, 2, 2), jnp.float32)
+    with pytest.raises(Exception, match="attribute"):
+        _align_bwd(EMU, cot, rois, level, (x,), attrs, 1, 1)
+    with pytest.raises(Exception, match="attribute"):
+        _align_bwd(CPU, cot, rois, level, (x,), attrs, 1, 1, 0)
+    with pytest.raises(Exception, match="attribute"):
+        _pool_bwd(EMU, cot, rois, x, 1.0, 0, 1)
