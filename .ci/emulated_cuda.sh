@@ -14,15 +14,16 @@ from jax_roi import ffi
 assert ffi.cuda_emulated(), f"emulated CUDA targets not registered: {ffi.load_error()}"
 print("emulated CUDA kernels registered for platform cpu")'
 # Emulated against the CPU kernels, call by call, on the shapes that pick each code path.
-pytest -p no:cacheprovider -q tests/test_cuda_emulation.py
+pytest -p no:cacheprovider -q -n 2 tests/test_cuda_emulation.py
 # The kernel-path tests again, now running the CUDA kernels: torchvision golden data and
 # the float64 oracle (roi_align, roi_warp, roi_pool, multi-level), edge boxes, feature and
 # box gradients, vmap, registration, threads, the oracle property tests' fast profile.
 # (The slowest pure-JAX comparisons stay in the main run: the emulation is run here for
 # what the kernels compute, within a few minutes.)
-pytest -p no:cacheprovider -q tests/test_roi_align.py tests/test_roi_pool.py tests/test_pyramid.py \
+# The quick subset (-m "not slow") of each: every test function once per path.
+pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_roi_align.py tests/test_roi_pool.py tests/test_pyramid.py \
   tests/test_properties.py tests/test_concurrency.py -k "ffi or registration or threads"
-pytest -p no:cacheprovider -q tests/test_ffi_transforms.py \
+pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_ffi_transforms.py \
   -k "not nested and not checkpoint and not lowers and (both or rois or box_gradient or registering or broadcast)"
-pytest -p no:cacheprovider -q tests/test_ffi.py \
+pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_ffi.py \
   -k "dtypes or empty or absurd or worked_example or ties or golden or reject or nchw or multilevel_matches"

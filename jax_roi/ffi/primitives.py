@@ -110,7 +110,7 @@ def _kernels(platform):
     (on CUDA, or emulated on CPU: their backward takes ``deterministic``)."""
     built = _loader.platforms()
     if platform == "cpu" and "cpu" in built:
-        return True, getattr(_loader, "cuda_emulated", lambda: False)()
+        return True, _loader.cuda_emulated()
     if platform == "cuda" and "cuda" in built:
         return True, True
     return False, False
