@@ -1,10 +1,21 @@
 """RoIPool (Fast R-CNN: quantized bins, max over whole cells) in pure JAX.
 
-Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A search over the cells
-of each bin (no gradient; loops run to the largest bin actually present, so the cost
-follows the boxes) finds the first maximal cell in row-major order; that cell is then
-read again differentiably, so autodiff routes the gradient to it alone. Box coordinates
-only pass through rounding, so boxes get no gradient (docs/semantics.md).
+Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A bin is a rectangle of
+whole cells, so its maximum is a range maximum: a two-dimensional sparse table holds, for
+every cell and every pair of power-of-two block sides ``(2**i, 2**j)``, the maximum of the
+block starting there and its first maximal cell in row-major order; a bin of ``h x w``
+cells is the union of four such blocks (``i = floor(log2 h)``, ``j = floor(log2 w)``, one
+at each corner), so each output reads four table entries whatever the bin's size. The
+table holds only the levels that the largest bin present needs (a ``lax.switch`` over the
+level count, so the cost and memory follow the boxes). No gradient flows through the
+search; the winning cell is then read again differentiably, so autodiff routes the
+gradient to it alone. Box coordinates only pass through rounding, so boxes get no
+gradient (docs/semantics.md).
+
+Ties: the first maximal cell of a union of blocks is the smallest row-major index among
+the blocks' own first maximal cells whose value is the maximum (that cell lies in some
+block, where nothing before it is maximal). NaN cells never win and a bin whose cells are
+all ``-inf`` or NaN is 0, as with a strict ``>`` scan from ``-inf``.
 """
 
 from __future__ import annotations
@@ -39,36 +50,97 @@ def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
     return start.astype(jnp.int32), extent.astype(jnp.int32)
 
 
+def _floor_log2(n):
+    """``floor(log2(n))`` of positive int32 ``n`` (0 for ``n <= 0``)."""
+    return jnp.where(n > 0, 31 - lax.clz(jnp.maximum(n, 1)), 0)
+
+
+def _shift(x, s, axis, fill):
+    """``x`` moved ``s`` places towards index 0 along ``axis``; the vacated end is ``fill``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, s)
+    return lax.slice_in_dim(jnp.pad(x, pad, constant_values=fill), s, s + x.shape[axis], axis=axis)
+
+
+def _table(values, index, levels_y, levels_x):
+    """Sparse tables ``[levels_y, levels_x, B, H, W, C]``: the maximum of the block of
+    ``2**i x 2**j`` cells from each cell and its first maximal cell (row-major)."""
+    neg = jnp.array(-jnp.inf, values.dtype)
+    big = jnp.iinfo(jnp.int32).max
+    row_v, row_a = [values], [index]
+    for j in range(1, levels_x):  # across columns: the right half can hold an earlier row
+        s = 1 << (j - 1)
+        v1, a1 = row_v[-1], row_a[-1]
+        v2, a2 = _shift(v1, s, 2, neg), _shift(a1, s, 2, big)
+        row_v.append(jnp.maximum(v1, v2))
+        row_a.append(jnp.where(v2 > v1, a2, jnp.where(v1 > v2, a1, jnp.minimum(a1, a2))))
+    tv, ta = [], []
+    for v, a in zip(row_v, row_a):
+        col_v, col_a = [v], [a]
+        for i in range(1, levels_y):  # down rows: the lower half comes after in row-major
+            s = 1 << (i - 1)
+            v1, a1 = col_v[-1], col_a[-1]
+            v2, a2 = _shift(v1, s, 1, neg), _shift(a1, s, 1, big)
+            col_v.append(jnp.maximum(v1, v2))
+            col_a.append(jnp.where(v2 > v1, a2, a1))
+        tv.append(jnp.stack(col_v, 0))
+        ta.append(jnp.stack(col_a, 0))
+    return jnp.stack(tv, 1), jnp.stack(ta, 1)  # [levels_y, levels_x, B, H, W, C]
+
+
+def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
+    """``[K, oh, ow, C]`` row-major index (in its image) of each bin's first maximal cell,
+    ``-1`` where the bin is empty or holds no cell above ``-inf``."""
+    num_images, height, width, channels = values.shape
+    index = jnp.broadcast_to((jnp.arange(height)[:, None] * width + jnp.arange(width))[None, :, :, None],
+                             values.shape).astype(jnp.int32)
+    tv, ta = _table(values, index, levels_y, levels_x)
+    tv = tv.reshape(-1, channels)
+    ta = ta.reshape(-1, channels)
+    iy, jx = _floor_log2(hy), _floor_log2(hx)  # [K, oh], [K, ow]
+    ya, yb = y0, y0 + hy - (1 << iy)
+    xa, xb = x0, x0 + hx - (1 << jx)
+    level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
+    exists = (hy > 0)[:, :, None] & (hx > 0)[:, None, :]
+    best, corners = None, []
+    for y in (ya, yb):
+        for x in (xa, xb):
+            row = (level * height + jnp.maximum(y, 0)[:, :, None]) * width + jnp.maximum(x, 0)[:, None, :]
+            row = jnp.where(exists, row, 0)
+            v = tv.at[row].get(mode="promise_in_bounds")
+            a = ta.at[row].get(mode="promise_in_bounds")
+            corners.append((v, a))
+            best = v if best is None else jnp.maximum(best, v)
+    big = jnp.iinfo(jnp.int32).max
+    arg = None
+    for v, a in corners:
+        a = jnp.where(v == best, a, big)
+        arg = a if arg is None else jnp.minimum(arg, a)
+    return jnp.where(exists[..., None] & (best > -jnp.inf), arg, -1)
+
+
 def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe"):
     """Canonical-form RoIPool. Returns ``[K, oh, ow, C]``."""
     num_images, height, width, channels = features.shape
     oh, ow = output_size
-    k = rois.shape[0]
     acc = accumulation_dtype(features.dtype)
     batch, live = live_boxes(rois, num_images)
     common = dict(live=live, spatial_scale=spatial_scale, binning=binning)
     y0, hy = _axis_bins(rois[:, 2], rois[:, 4], bins=oh, size=height, **common)
     x0, hx = _axis_bins(rois[:, 1], rois[:, 3], bins=ow, size=width, **common)
-    base = (batch * (height * width))[:, None, None]
     flat = features.reshape(num_images * height * width, channels)
-    sflat = lax.stop_gradient(flat)
+    values = lax.stop_gradient(features).astype(acc)
+    values = jnp.where(jnp.isnan(values), -jnp.inf, values)
 
-    best = jnp.full((k, oh, ow, channels), -jnp.inf, acc)
-    arg = jnp.full((k, oh, ow, channels), -1, jnp.int32)
-
-    def over_y(dy, carry):
-        def over_x(dx, carry):
-            best, arg = carry
-            cell = (y0[:, :, None] + dy) * width + (x0[:, None, :] + dx)  # [K, oh, ow]
-            exists = (dy < hy)[:, :, None] & (dx < hx)[:, None, :]
-            v = sflat.at[jnp.where(exists, base + cell, 0)].get(mode="promise_in_bounds").astype(acc)
-            better = exists[..., None] & (v > best)
-            return jnp.where(better, v, best), jnp.where(better, cell[..., None], arg)
-
-        return lax.fori_loop(0, jnp.max(hx, initial=0), over_x, carry)
-
-    best, arg = lax.fori_loop(0, jnp.max(hy, initial=0), over_y, (best, arg))
+    max_y, max_x = height.bit_length(), width.bit_length()  # levels a bin can need
+    need = jnp.maximum(_floor_log2(jnp.max(hy, initial=0)), _floor_log2(jnp.max(hx, initial=0)))
+    branches = [
+        (lambda n: lambda *a: _winner(*a, min(n, max_y), min(n, max_x)))(n)
+        for n in range(1, max(max_y, max_x) + 1)
+    ]
+    arg = lax.switch(need, branches, values, batch, y0, hy, x0, hx)
     has = arg >= 0
-    idx = (base[..., None] + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
+    base = (batch * (height * width))[:, None, None, None]
+    idx = (base + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
     value = flat.reshape(-1).at[idx].get(mode="promise_in_bounds")
     return jnp.where(has, value, jnp.zeros_like(value))
