@@ -72,8 +72,10 @@ def _table(values, index, levels_y, levels_x):
         s = 1 << (j - 1)
         v1, a1 = row_v[-1], row_a[-1]
         v2, a2 = _shift(v1, s, 2, neg), _shift(a1, s, 2, big)
-        row_v.append(jnp.maximum(v1, v2))
-        row_a.append(jnp.where(v2 > v1, a2, jnp.where(v1 > v2, a1, jnp.minimum(a1, a2))))
+        v, a = lax.optimization_barrier(  # each level once (XLA would refuse nothing else)
+            (jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, jnp.where(v1 > v2, a1, jnp.minimum(a1, a2)))))
+        row_v.append(v)
+        row_a.append(a)
     tv, ta = [], []
     for v, a in zip(row_v, row_a):
         col_v, col_a = [v], [a]
@@ -81,34 +83,45 @@ def _table(values, index, levels_y, levels_x):
             s = 1 << (i - 1)
             v1, a1 = col_v[-1], col_a[-1]
             v2, a2 = _shift(v1, s, 1, neg), _shift(a1, s, 1, big)
-            col_v.append(jnp.maximum(v1, v2))
-            col_a.append(jnp.where(v2 > v1, a2, a1))
+            v, a = lax.optimization_barrier((jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, a1)))
+            col_v.append(v)
+            col_a.append(a)
         tv.append(jnp.stack(col_v, 0))
         ta.append(jnp.stack(col_a, 0))
     return jnp.stack(tv, 1), jnp.stack(ta, 1)  # [levels_y, levels_x, B, H, W, C]
 
 
-def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
-    """``[K, oh, ow, C]`` row-major index (in its image) of each bin's first maximal cell,
-    ``-1`` where the bin is empty or holds no cell above ``-inf``."""
+def _tables(values, levels_y, levels_x):
+    """The sparse tables flattened to rows ``[levels_y * levels_x * B * H * W, C]``."""
     num_images, height, width, channels = values.shape
     index = jnp.broadcast_to((jnp.arange(height)[:, None] * width + jnp.arange(width))[None, :, :, None],
                              values.shape).astype(jnp.int32)
     tv, ta = _table(values, index, levels_y, levels_x)
-    tv = tv.reshape(-1, channels)
-    ta = ta.reshape(-1, channels)
+    return tv.reshape(-1, channels), ta.reshape(-1, channels)
+
+
+def _read(tv, ta, level, y, x, exists, shape):
+    """Table entries ``[K, oh, ow, C]`` of the blocks at level ``[K, oh, ow]`` from
+    ``y [K, oh]``, ``x [K, ow]`` (row 0 where the bin is empty)."""
+    _, height, width = shape
+    row = (level * height + jnp.clip(y, 0, height - 1)[:, :, None]) * width + jnp.clip(x, 0, width - 1)[:, None, :]
+    row = jnp.where(exists, row, 0)
+    return tv.at[row].get(mode="promise_in_bounds"), ta.at[row].get(mode="promise_in_bounds")
+
+
+def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
+    """``[K, oh, ow, C]`` row-major index (in its image) of each bin's first maximal cell,
+    ``-1`` where the bin is empty or holds no cell above ``-inf``; every bin side below
+    ``2**levels``: four blocks, one pass."""
+    num_images, height, width, _ = values.shape
+    tv, ta = _tables(values, levels_y, levels_x)
     iy, jx = _floor_log2(hy), _floor_log2(hx)  # [K, oh], [K, ow]
-    ya, yb = y0, y0 + hy - (1 << iy)
-    xa, xb = x0, x0 + hx - (1 << jx)
     level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
     exists = (hy > 0)[:, :, None] & (hx > 0)[:, None, :]
     best, corners = None, []
-    for y in (ya, yb):
-        for x in (xa, xb):
-            row = (level * height + jnp.maximum(y, 0)[:, :, None]) * width + jnp.maximum(x, 0)[:, None, :]
-            row = jnp.where(exists, row, 0)
-            v = tv.at[row].get(mode="promise_in_bounds")
-            a = ta.at[row].get(mode="promise_in_bounds")
+    for y in (y0, y0 + hy - (1 << iy)):
+        for x in (x0, x0 + hx - (1 << jx)):
+            v, a = _read(tv, ta, level, y, x, exists, (num_images, height, width))
             corners.append((v, a))
             best = v if best is None else jnp.maximum(best, v)
     big = jnp.iinfo(jnp.int32).max
@@ -117,6 +130,43 @@ def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
         a = jnp.where(v == best, a, big)
         arg = a if arg is None else jnp.minimum(arg, a)
     return jnp.where(exists[..., None] & (best > -jnp.inf), arg, -1)
+
+
+def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
+    """As :func:`_winner` for bins of any size: a bin side ``h`` is covered by
+    ``ceil(h / s)`` blocks of side ``s = 2**min(floor(log2 h), levels - 1)`` (the last one
+    flush with the bin's end), visited by loops that run to the largest bin present."""
+    num_images, height, width, channels = values.shape
+    tv, ta = _tables(values, levels_y, levels_x)
+    iy = jnp.minimum(_floor_log2(hy), levels_y - 1)
+    jx = jnp.minimum(_floor_log2(hx), levels_x - 1)
+    ny, nx = (hy + (1 << iy) - 1) >> iy, (hx + (1 << jx) - 1) >> jx  # blocks per side
+    level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
+    big = jnp.iinfo(jnp.int32).max
+    k, oh, ow = level.shape
+    best = jnp.full((k, oh, ow, channels), -jnp.inf, values.dtype)
+    arg = jnp.full((k, oh, ow, channels), big, jnp.int32)
+
+    def over_y(ty, carry):
+        y = jnp.minimum(y0 + ty * (1 << iy), y0 + hy - (1 << iy))
+
+        def over_x(tx, carry):
+            best, arg = carry
+            x = jnp.minimum(x0 + tx * (1 << jx), x0 + hx - (1 << jx))
+            exists = (ty < ny)[:, :, None] & (tx < nx)[:, None, :]
+            v, a = _read(tv, ta, level, y, x, exists, (num_images, height, width))
+            better = exists[..., None] & ((v > best) | ((v == best) & (a < arg)))
+            return jnp.where(better, v, best), jnp.where(better, a, arg)
+
+        return lax.fori_loop(0, jnp.max(nx, initial=0), over_x, carry)
+
+    best, arg = lax.fori_loop(0, jnp.max(ny, initial=0), over_y, (best, arg))
+    return jnp.where(best > -jnp.inf, arg, -1)
+
+
+# Table levels of the one-pass path: blocks up to 4 x 4 cells, bins up to 7 x 7 (box and
+# mask heads); larger bins loop over blocks of the same table (memory 2 * 9 * features).
+_LEVELS = 3
 
 
 def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe"):
@@ -134,10 +184,13 @@ def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe")
 
     max_y, max_x = height.bit_length(), width.bit_length()  # levels a bin can need
     need = jnp.maximum(_floor_log2(jnp.max(hy, initial=0)), _floor_log2(jnp.max(hx, initial=0)))
+    top = max(max_y, max_x)
     branches = [
         (lambda n: lambda *a: _winner(*a, min(n, max_y), min(n, max_x)))(n)
-        for n in range(1, max(max_y, max_x) + 1)
+        for n in range(1, min(top, _LEVELS) + 1)
     ]
+    if top > _LEVELS:  # some bin side may reach 2**_LEVELS cells
+        branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x)))
     arg = lax.switch(need, branches, values, batch, y0, hy, x0, hx)
     has = arg >= 0
     base = (batch * (height * width))[:, None, None, None]
