@@ -114,3 +114,12 @@ def test_ties_gradient_to_first_maximum_row_major(implementation, output_size, b
                                                       implementation=implementation) * cot))(feats)
     ref_f, _ = R.roi_pool_ref_vjp(np.asarray(feats), rois, output_size, cot)
     np.testing.assert_allclose(np.asarray(d_f), ref_f, atol=1e-12)
+
+
+def test_pure_jax_path_lowers_for_tpu():
+    """Forward, reverse and forward-mode derivatives of the pure-JAX path lower for TPU."""
+    feats = jnp.zeros((1, 20, 24, 2), jnp.float32)
+    rois = jnp.array([[0, 0, 0, 23, 19], [0, 2, 3, 9, 8]], jnp.float32)
+    fn = lambda f: jax_roi.roi_pool(f, rois, 2, implementation="xla")  # noqa: E731
+    for g in (fn, jax.grad(lambda f: jnp.sum(fn(f))), lambda f: jax.jvp(fn, (f,), (f,))[1]):
+        jax.jit(g).trace(feats).lower(lowering_platforms=("tpu",)).as_text()

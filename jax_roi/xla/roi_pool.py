@@ -72,7 +72,7 @@ def _table(values, index, levels_y, levels_x):
         s = 1 << (j - 1)
         v1, a1 = row_v[-1], row_a[-1]
         v2, a2 = _shift(v1, s, 2, neg), _shift(a1, s, 2, big)
-        v, a = lax.optimization_barrier(  # each level once (XLA would refuse nothing else)
+        v, a = lax.optimization_barrier(  # materialized: fused, every use would recompute it
             (jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, jnp.where(v1 > v2, a1, jnp.minimum(a1, a2)))))
         row_v.append(v)
         row_a.append(a)
@@ -174,6 +174,8 @@ def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe")
     num_images, height, width, channels = features.shape
     oh, ow = output_size
     acc = accumulation_dtype(features.dtype)
+    if height == 0 or width == 0:  # no cells: every bin is empty
+        return jnp.zeros((rois.shape[0], oh, ow, channels), features.dtype)
     batch, live = live_boxes(rois, num_images)
     common = dict(live=live, spatial_scale=spatial_scale, binning=binning)
     y0, hy = _axis_bins(rois[:, 2], rois[:, 4], bins=oh, size=height, **common)
