@@ -6,8 +6,10 @@ every cell and every pair of power-of-two block sides ``(2**i, 2**j)``, the maxi
 block starting there and its first maximal cell in row-major order; a bin of ``h x w``
 cells is the union of four such blocks (``i = floor(log2 h)``, ``j = floor(log2 w)``, one
 at each corner), so each output reads four table entries whatever the bin's size. The
+first maximal cell is kept as a small key (``int8``) relative to the block's corner. The
 table holds only the levels that the largest bin present needs (a ``lax.switch`` over the
-level count, so the cost and memory follow the boxes). No gradient flows through the
+level count, so the cost and memory follow the boxes), at most ``_LEVELS`` per axis;
+larger bins loop over blocks of that table. No gradient flows through the
 search; the winning cell is then read again differentiably, so autodiff routes the
 gradient to it alone. Box coordinates only pass through rounding, so boxes get no
 gradient (docs/semantics.md).
@@ -62,16 +64,23 @@ def _shift(x, s, axis, fill):
     return lax.slice_in_dim(jnp.pad(x, pad, constant_values=fill), s, s + x.shape[axis], axis=axis)
 
 
-def _table(values, index, levels_y, levels_x):
+def _key_dtype(levels_y, levels_x):
+    return jnp.int8 if (1 << (levels_y + levels_x - 2)) <= 127 else jnp.int32
+
+
+def _table(values, levels_y, levels_x):
     """Sparse tables ``[levels_y, levels_x, B, H, W, C]``: the maximum of the block of
-    ``2**i x 2**j`` cells from each cell and its first maximal cell (row-major)."""
+    ``2**i x 2**j`` cells from each cell and its first maximal cell (row-major) as the key
+    ``dy * 2**(levels_x - 1) + dx`` from the block's corner (row-major order of keys is
+    that of the cells)."""
     neg = jnp.array(-jnp.inf, values.dtype)
-    big = jnp.iinfo(jnp.int32).max
-    row_v, row_a = [values], [index]
+    kt = _key_dtype(levels_y, levels_x)
+    kw = 1 << (levels_x - 1)
+    row_v, row_a = [values], [jnp.zeros(values.shape, kt)]
     for j in range(1, levels_x):  # across columns: the right half can hold an earlier row
         s = 1 << (j - 1)
         v1, a1 = row_v[-1], row_a[-1]
-        v2, a2 = _shift(v1, s, 2, neg), _shift(a1, s, 2, big)
+        v2, a2 = _shift(v1, s, 2, neg), _shift(a1, s, 2, 0) + jnp.array(s, kt)
         v, a = lax.optimization_barrier(  # materialized: fused, every use would recompute it
             (jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, jnp.where(v1 > v2, a1, jnp.minimum(a1, a2)))))
         row_v.append(v)
@@ -82,7 +91,7 @@ def _table(values, index, levels_y, levels_x):
         for i in range(1, levels_y):  # down rows: the lower half comes after in row-major
             s = 1 << (i - 1)
             v1, a1 = col_v[-1], col_a[-1]
-            v2, a2 = _shift(v1, s, 1, neg), _shift(a1, s, 1, big)
+            v2, a2 = _shift(v1, s, 1, neg), _shift(a1, s, 1, 0) + jnp.array(s * kw, kt)
             v, a = lax.optimization_barrier((jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, a1)))
             col_v.append(v)
             col_a.append(a)
@@ -93,20 +102,23 @@ def _table(values, index, levels_y, levels_x):
 
 def _tables(values, levels_y, levels_x):
     """The sparse tables flattened to rows ``[levels_y * levels_x * B * H * W, C]``."""
-    num_images, height, width, channels = values.shape
-    index = jnp.broadcast_to((jnp.arange(height)[:, None] * width + jnp.arange(width))[None, :, :, None],
-                             values.shape).astype(jnp.int32)
-    tv, ta = _table(values, index, levels_y, levels_x)
-    return tv.reshape(-1, channels), ta.reshape(-1, channels)
+    channels = values.shape[-1]
+    tv, ta = _table(values, levels_y, levels_x)
+    return tv.reshape(-1, channels), ta.reshape(-1, channels), levels_x
 
 
-def _read(tv, ta, level, y, x, exists, shape):
+def _read(table, level, y, x, exists, shape):
     """Table entries ``[K, oh, ow, C]`` of the blocks at level ``[K, oh, ow]`` from
-    ``y [K, oh]``, ``x [K, ow]`` (row 0 where the bin is empty)."""
-    _, height, width = shape
-    row = (level * height + jnp.clip(y, 0, height - 1)[:, :, None]) * width + jnp.clip(x, 0, width - 1)[:, None, :]
-    row = jnp.where(exists, row, 0)
-    return tv.at[row].get(mode="promise_in_bounds"), ta.at[row].get(mode="promise_in_bounds")
+    ``y [K, oh]``, ``x [K, ow]`` (row 0 where the bin is empty): values and the row-major
+    index in the image of the first maximal cell."""
+    (tv, ta, levels_x), (_, height, width) = table, shape
+    y = jnp.clip(y, 0, height - 1)[:, :, None]
+    x = jnp.clip(x, 0, width - 1)[:, None, :]
+    row = jnp.where(exists, (level * height + y) * width + x, 0)
+    key = ta.at[row].get(mode="promise_in_bounds").astype(jnp.int32)
+    kw = levels_x - 1
+    cell = (y[..., None] + (key >> kw)) * width + x[..., None] + (key & ((1 << kw) - 1))
+    return tv.at[row].get(mode="promise_in_bounds"), cell
 
 
 def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
@@ -114,14 +126,14 @@ def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
     ``-1`` where the bin is empty or holds no cell above ``-inf``; every bin side below
     ``2**levels``: four blocks, one pass."""
     num_images, height, width, _ = values.shape
-    tv, ta = _tables(values, levels_y, levels_x)
+    table = _tables(values, levels_y, levels_x)
     iy, jx = _floor_log2(hy), _floor_log2(hx)  # [K, oh], [K, ow]
     level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
     exists = (hy > 0)[:, :, None] & (hx > 0)[:, None, :]
     best, corners = None, []
     for y in (y0, y0 + hy - (1 << iy)):
         for x in (x0, x0 + hx - (1 << jx)):
-            v, a = _read(tv, ta, level, y, x, exists, (num_images, height, width))
+            v, a = _read(table, level, y, x, exists, (num_images, height, width))
             corners.append((v, a))
             best = v if best is None else jnp.maximum(best, v)
     big = jnp.iinfo(jnp.int32).max
@@ -137,7 +149,7 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
     ``ceil(h / s)`` blocks of side ``s = 2**min(floor(log2 h), levels - 1)`` (the last one
     flush with the bin's end), visited by loops that run to the largest bin present."""
     num_images, height, width, channels = values.shape
-    tv, ta = _tables(values, levels_y, levels_x)
+    table = _tables(values, levels_y, levels_x)
     iy = jnp.minimum(_floor_log2(hy), levels_y - 1)
     jx = jnp.minimum(_floor_log2(hx), levels_x - 1)
     ny, nx = (hy + (1 << iy) - 1) >> iy, (hx + (1 << jx) - 1) >> jx  # blocks per side
@@ -154,7 +166,7 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
             best, arg = carry
             x = jnp.minimum(x0 + tx * (1 << jx), x0 + hx - (1 << jx))
             exists = (ty < ny)[:, :, None] & (tx < nx)[:, None, :]
-            v, a = _read(tv, ta, level, y, x, exists, (num_images, height, width))
+            v, a = _read(table, level, y, x, exists, (num_images, height, width))
             better = exists[..., None] & ((v > best) | ((v == best) & (a < arg)))
             return jnp.where(better, v, best), jnp.where(better, a, arg)
 
