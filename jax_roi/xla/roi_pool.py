@@ -65,6 +65,7 @@ def _shift(x, s, axis, fill):
 
 
 def _key_dtype(levels_y, levels_x):
+    """The narrowest integer for the cell keys of blocks up to ``2**(levels - 1)`` a side."""
     return jnp.int8 if (1 << (levels_y + levels_x - 2)) <= 127 else jnp.int32
 
 
@@ -116,8 +117,8 @@ def _read(table, level, y, x, exists, shape):
     x = jnp.clip(x, 0, width - 1)[:, None, :]
     row = jnp.where(exists, (level * height + y) * width + x, 0)
     key = ta.at[row].get(mode="promise_in_bounds").astype(jnp.int32)
-    kw = levels_x - 1
-    cell = (y[..., None] + (key >> kw)) * width + x[..., None] + (key & ((1 << kw) - 1))
+    bits = levels_x - 1  # key = dy * 2**bits + dx
+    cell = (y[..., None] + (key >> bits)) * width + x[..., None] + (key & ((1 << bits) - 1))
     return tv.at[row].get(mode="promise_in_bounds"), cell
 
 
@@ -177,7 +178,8 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
 
 
 # Table levels of the one-pass path: blocks up to 4 x 4 cells, bins up to 7 x 7 (box and
-# mask heads); larger bins loop over blocks of the same table (memory 2 * 9 * features).
+# mask heads); larger bins loop over blocks of the same table. Memory: 9 copies of the
+# features (in the accumulation dtype) and 9 of their shape in int8 keys.
 _LEVELS = 3
 
 
