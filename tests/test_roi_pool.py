@@ -94,3 +94,32 @@ def test_per_image_form_rounds_bins_exactly(implementation):
     ref = R.roi_pool_ref(np.asarray(feats), np.asarray(rois), 3, coord_dtype=np.float32)
     np.testing.assert_array_equal(np.asarray(per_image), np.asarray(flat))
     np.testing.assert_allclose(np.asarray(flat), ref, atol=1e-7)
+
+
+@pytest.mark.parametrize("output_size, big", [(1, True), (2, True), ((3, 2), True), ((3, 3), False), (4, False)])
+def test_ties_gradient_to_first_maximum_row_major(implementation, output_size, big):
+    """Few distinct values (many equal maxima per bin, across rows and columns) and bins
+    from one cell to larger than the table blocks: values and the gradient (to the first
+    maximal cell in row-major order) match the oracle."""
+    rng = np.random.default_rng(21)
+    feats = jnp.asarray(rng.integers(0, 3, (2, 21, 19, 3)).astype(np.float64))
+    rois = random_rois(rng, 2, 21, 19, 24)
+    if big:  # bins of 8 cells and more
+        rois = np.concatenate([rois, [[0, 0, 0, 18, 20], [1, 2, 1, 17, 19], [1, -5, -5, 40, 40]]])
+    out = jax_roi.roi_pool(feats, jnp.asarray(rois), output_size, implementation=implementation)
+    ref = R.roi_pool_ref(np.asarray(feats), rois, output_size)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    cot = rng.standard_normal(out.shape)
+    d_f = jax.grad(lambda f: jnp.sum(jax_roi.roi_pool(f, jnp.asarray(rois), output_size,
+                                                      implementation=implementation) * cot))(feats)
+    ref_f, _ = R.roi_pool_ref_vjp(np.asarray(feats), rois, output_size, cot)
+    np.testing.assert_allclose(np.asarray(d_f), ref_f, atol=1e-12)
+
+
+def test_pure_jax_path_lowers_for_tpu():
+    """Forward, reverse and forward-mode derivatives of the pure-JAX path lower for TPU."""
+    feats = jnp.zeros((1, 20, 24, 2), jnp.float32)
+    rois = jnp.array([[0, 0, 0, 23, 19], [0, 2, 3, 9, 8]], jnp.float32)
+    fn = lambda f: jax_roi.roi_pool(f, rois, 2, implementation="xla")  # noqa: E731
+    for g in (fn, jax.grad(lambda f: jnp.sum(fn(f))), lambda f: jax.jvp(fn, (f,), (f,))[1]):
+        jax.jit(g).trace(feats).lower(lowering_platforms=("tpu",)).as_text()

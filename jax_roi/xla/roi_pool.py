@@ -1,10 +1,23 @@
 """RoIPool (Fast R-CNN: quantized bins, max over whole cells) in pure JAX.
 
-Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A search over the cells
-of each bin (no gradient; loops run to the largest bin actually present, so the cost
-follows the boxes) finds the first maximal cell in row-major order; that cell is then
-read again differentiably, so autodiff routes the gradient to it alone. Box coordinates
-only pass through rounding, so boxes get no gradient (docs/semantics.md).
+Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A bin is a rectangle of
+whole cells, so its maximum is a range maximum: a two-dimensional sparse table holds, for
+every cell and every pair of power-of-two block sides ``(2**i, 2**j)``, the maximum of the
+block starting there and its first maximal cell in row-major order; a bin of ``h x w``
+cells is the union of four such blocks (``i = floor(log2 h)``, ``j = floor(log2 w)``, one
+at each corner), so each output reads four table entries whatever the bin's size. The
+first maximal cell is kept as a small key (``int8``) relative to the block's corner. The
+table holds only the levels that the largest bin present needs (a ``lax.switch`` over the
+level count, so the cost and memory follow the boxes), at most ``_LEVELS`` per axis;
+larger bins loop over blocks of that table. No gradient flows through the
+search; the winning cell is then read again differentiably, so autodiff routes the
+gradient to it alone. Box coordinates only pass through rounding, so boxes get no
+gradient (docs/semantics.md).
+
+Ties: the first maximal cell of a union of blocks is the smallest row-major index among
+the blocks' own first maximal cells whose value is the maximum (that cell lies in some
+block, where nothing before it is maximal). NaN cells never win and a bin whose cells are
+all ``-inf`` or NaN is 0, as with a strict ``>`` scan from ``-inf``.
 """
 
 from __future__ import annotations
@@ -39,36 +52,164 @@ def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
     return start.astype(jnp.int32), extent.astype(jnp.int32)
 
 
+def _floor_log2(n):
+    """``floor(log2(n))`` of positive int32 ``n`` (0 for ``n <= 0``)."""
+    return jnp.where(n > 0, 31 - lax.clz(jnp.maximum(n, 1)), 0)
+
+
+def _shift(x, s, axis, fill):
+    """``x`` moved ``s`` places towards index 0 along ``axis``; the vacated end is ``fill``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, s)
+    return lax.slice_in_dim(jnp.pad(x, pad, constant_values=fill), s, s + x.shape[axis], axis=axis)
+
+
+def _key_dtype(levels_y, levels_x):
+    """The narrowest integer for the cell keys of blocks up to ``2**(levels - 1)`` a side."""
+    return jnp.int8 if (1 << (levels_y + levels_x - 2)) <= 127 else jnp.int32
+
+
+def _table(values, levels_y, levels_x):
+    """Sparse tables ``[levels_y, levels_x, B, H, W, C]``: the maximum of the block of
+    ``2**i x 2**j`` cells from each cell and its first maximal cell (row-major) as the key
+    ``dy * 2**(levels_x - 1) + dx`` from the block's corner (row-major order of keys is
+    that of the cells)."""
+    neg = jnp.array(-jnp.inf, values.dtype)
+    kt = _key_dtype(levels_y, levels_x)
+    kw = 1 << (levels_x - 1)
+    row_v, row_a = [values], [jnp.zeros(values.shape, kt)]
+    for j in range(1, levels_x):  # across columns: the right half can hold an earlier row
+        s = 1 << (j - 1)
+        v1, a1 = row_v[-1], row_a[-1]
+        v2, a2 = _shift(v1, s, 2, neg), _shift(a1, s, 2, 0) + jnp.array(s, kt)
+        v, a = lax.optimization_barrier(  # materialized: fused, every use would recompute it
+            (jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, jnp.where(v1 > v2, a1, jnp.minimum(a1, a2)))))
+        row_v.append(v)
+        row_a.append(a)
+    tv, ta = [], []
+    for v, a in zip(row_v, row_a):
+        col_v, col_a = [v], [a]
+        for i in range(1, levels_y):  # down rows: the lower half comes after in row-major
+            s = 1 << (i - 1)
+            v1, a1 = col_v[-1], col_a[-1]
+            v2, a2 = _shift(v1, s, 1, neg), _shift(a1, s, 1, 0) + jnp.array(s * kw, kt)
+            v, a = lax.optimization_barrier((jnp.maximum(v1, v2), jnp.where(v2 > v1, a2, a1)))
+            col_v.append(v)
+            col_a.append(a)
+        tv.append(jnp.stack(col_v, 0))
+        ta.append(jnp.stack(col_a, 0))
+    return jnp.stack(tv, 1), jnp.stack(ta, 1)  # [levels_y, levels_x, B, H, W, C]
+
+
+def _tables(values, levels_y, levels_x):
+    """The sparse tables flattened to rows ``[levels_y * levels_x * B * H * W, C]``."""
+    channels = values.shape[-1]
+    tv, ta = _table(values, levels_y, levels_x)
+    return tv.reshape(-1, channels), ta.reshape(-1, channels), levels_x
+
+
+def _read(table, level, y, x, exists, shape):
+    """Table entries ``[K, oh, ow, C]`` of the blocks at level ``[K, oh, ow]`` from
+    ``y [K, oh]``, ``x [K, ow]`` (row 0 where the bin is empty): values and the row-major
+    index in the image of the first maximal cell."""
+    (tv, ta, levels_x), (_, height, width) = table, shape
+    y = jnp.clip(y, 0, height - 1)[:, :, None]
+    x = jnp.clip(x, 0, width - 1)[:, None, :]
+    row = jnp.where(exists, (level * height + y) * width + x, 0)
+    key = ta.at[row].get(mode="promise_in_bounds").astype(jnp.int32)
+    bits = levels_x - 1  # key = dy * 2**bits + dx
+    cell = (y[..., None] + (key >> bits)) * width + x[..., None] + (key & ((1 << bits) - 1))
+    return tv.at[row].get(mode="promise_in_bounds"), cell
+
+
+def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
+    """``[K, oh, ow, C]`` row-major index (in its image) of each bin's first maximal cell,
+    ``-1`` where the bin is empty or holds no cell above ``-inf``; every bin side below
+    ``2**levels``: four blocks, one pass."""
+    num_images, height, width, _ = values.shape
+    table = _tables(values, levels_y, levels_x)
+    iy, jx = _floor_log2(hy), _floor_log2(hx)  # [K, oh], [K, ow]
+    level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
+    exists = (hy > 0)[:, :, None] & (hx > 0)[:, None, :]
+    best, corners = None, []
+    for y in (y0, y0 + hy - (1 << iy)):
+        for x in (x0, x0 + hx - (1 << jx)):
+            v, a = _read(table, level, y, x, exists, (num_images, height, width))
+            corners.append((v, a))
+            best = v if best is None else jnp.maximum(best, v)
+    big = jnp.iinfo(jnp.int32).max
+    arg = None
+    for v, a in corners:
+        a = jnp.where(v == best, a, big)
+        arg = a if arg is None else jnp.minimum(arg, a)
+    return jnp.where(exists[..., None] & (best > -jnp.inf), arg, -1)
+
+
+def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
+    """As :func:`_winner` for bins of any size: a bin side ``h`` is covered by
+    ``ceil(h / s)`` blocks of side ``s = 2**min(floor(log2 h), levels - 1)`` (the last one
+    flush with the bin's end), visited by loops that run to the largest bin present."""
+    num_images, height, width, channels = values.shape
+    table = _tables(values, levels_y, levels_x)
+    iy = jnp.minimum(_floor_log2(hy), levels_y - 1)
+    jx = jnp.minimum(_floor_log2(hx), levels_x - 1)
+    ny, nx = (hy + (1 << iy) - 1) >> iy, (hx + (1 << jx) - 1) >> jx  # blocks per side
+    level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
+    big = jnp.iinfo(jnp.int32).max
+    k, oh, ow = level.shape
+    best = jnp.full((k, oh, ow, channels), -jnp.inf, values.dtype)
+    arg = jnp.full((k, oh, ow, channels), big, jnp.int32)
+
+    def over_y(ty, carry):
+        y = jnp.minimum(y0 + ty * (1 << iy), y0 + hy - (1 << iy))
+
+        def over_x(tx, carry):
+            best, arg = carry
+            x = jnp.minimum(x0 + tx * (1 << jx), x0 + hx - (1 << jx))
+            exists = (ty < ny)[:, :, None] & (tx < nx)[:, None, :]
+            v, a = _read(table, level, y, x, exists, (num_images, height, width))
+            better = exists[..., None] & ((v > best) | ((v == best) & (a < arg)))
+            return jnp.where(better, v, best), jnp.where(better, a, arg)
+
+        return lax.fori_loop(0, jnp.max(nx, initial=0), over_x, carry)
+
+    best, arg = lax.fori_loop(0, jnp.max(ny, initial=0), over_y, (best, arg))
+    return jnp.where(best > -jnp.inf, arg, -1)
+
+
+# Table levels of the one-pass path: blocks up to 4 x 4 cells, bins up to 7 x 7 (box and
+# mask heads); larger bins loop over blocks of the same table. Memory: 9 copies of the
+# features (in the accumulation dtype) and 9 of their shape in int8 keys.
+_LEVELS = 3
+
+
 def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe"):
     """Canonical-form RoIPool. Returns ``[K, oh, ow, C]``."""
     num_images, height, width, channels = features.shape
     oh, ow = output_size
-    k = rois.shape[0]
     acc = accumulation_dtype(features.dtype)
+    if height == 0 or width == 0:  # no cells: every bin is empty
+        return jnp.zeros((rois.shape[0], oh, ow, channels), features.dtype)
     batch, live = live_boxes(rois, num_images)
     common = dict(live=live, spatial_scale=spatial_scale, binning=binning)
     y0, hy = _axis_bins(rois[:, 2], rois[:, 4], bins=oh, size=height, **common)
     x0, hx = _axis_bins(rois[:, 1], rois[:, 3], bins=ow, size=width, **common)
-    base = (batch * (height * width))[:, None, None]
     flat = features.reshape(num_images * height * width, channels)
-    sflat = lax.stop_gradient(flat)
+    values = lax.stop_gradient(features).astype(acc)
+    values = jnp.where(jnp.isnan(values), -jnp.inf, values)
 
-    best = jnp.full((k, oh, ow, channels), -jnp.inf, acc)
-    arg = jnp.full((k, oh, ow, channels), -1, jnp.int32)
-
-    def over_y(dy, carry):
-        def over_x(dx, carry):
-            best, arg = carry
-            cell = (y0[:, :, None] + dy) * width + (x0[:, None, :] + dx)  # [K, oh, ow]
-            exists = (dy < hy)[:, :, None] & (dx < hx)[:, None, :]
-            v = sflat.at[jnp.where(exists, base + cell, 0)].get(mode="promise_in_bounds").astype(acc)
-            better = exists[..., None] & (v > best)
-            return jnp.where(better, v, best), jnp.where(better, cell[..., None], arg)
-
-        return lax.fori_loop(0, jnp.max(hx, initial=0), over_x, carry)
-
-    best, arg = lax.fori_loop(0, jnp.max(hy, initial=0), over_y, (best, arg))
+    max_y, max_x = height.bit_length(), width.bit_length()  # levels a bin can need
+    need = jnp.maximum(_floor_log2(jnp.max(hy, initial=0)), _floor_log2(jnp.max(hx, initial=0)))
+    top = max(max_y, max_x)
+    branches = [
+        (lambda n: lambda *a: _winner(*a, min(n, max_y), min(n, max_x)))(n)
+        for n in range(1, min(top, _LEVELS) + 1)
+    ]
+    if top > _LEVELS:  # some bin side may reach 2**_LEVELS cells
+        branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x)))
+    arg = lax.switch(need, branches, values, batch, y0, hy, x0, hx)
     has = arg >= 0
-    idx = (base[..., None] + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
+    base = (batch * (height * width))[:, None, None, None]
+    idx = (base + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
     value = flat.reshape(-1).at[idx].get(mode="promise_in_bounds")
     return jnp.where(has, value, jnp.zeros_like(value))
