@@ -65,7 +65,8 @@ def separable_gather_sum(features, base, ry, wy, rx, wx, ny, nx, static):
     accumulation dtype."""
     acc = accumulation_dtype(features.dtype)
     return gather_sum_p.bind(features, base, ry, wy.astype(acc), rx, wx.astype(acc),
-                             jnp.asarray(ny, jnp.int32), jnp.asarray(nx, jnp.int32), static=bool(static))
+                             jnp.asarray(ny, jnp.int32), jnp.asarray(nx, jnp.int32), static=bool(static),
+                             batched=False)
 
 
 def _forward(features, base, ry, wy, rx, wx, ny, nx, *, static):
@@ -84,9 +85,23 @@ def _forward(features, base, ry, wy, rx, wx, ny, nx, *, static):
     return _loop(ny, t_bound, over_t, out, static)
 
 
-def _abstract(features, base, ry, wy, rx, wx, ny, nx, *, static):
+def _abstract(features, base, ry, wy, rx, wx, ny, nx, *, static, batched):
     acc = accumulation_dtype(features.dtype)
-    return jax.core.ShapedArray((ry.shape[0], ry.shape[1], rx.shape[1], features.shape[-1]), acc)
+    lead = features.shape[:1] if batched else ()
+    return jax.core.ShapedArray(lead + (ry.shape[-3], ry.shape[-2], rx.shape[-2], features.shape[-1]), acc)
+
+
+def _per_element(fn, batched):
+    """``fn`` over the operands' leading axis when the call is ``batched`` (every array
+    operand but the tap counts leads with it): a batched gather, whose batch axis XLA's
+    partitioner keeps (a batch-sharded jit stays local)."""
+    if not batched:
+        return fn
+    return jax.vmap(fn, in_axes=(0, 0, 0, 0, 0, 0, None, None))
+
+
+def _evaluate(features, base, ry, wy, rx, wx, ny, nx, *, static, batched):
+    return _per_element(lambda *a: _forward(*a, static=static), batched)(features, base, ry, wy, rx, wx, ny, nx)
 
 
 def _pairs(ry, rx, ny, nx, static):
@@ -133,7 +148,7 @@ def _transpose_weights(g, features, base, ry, wy, rx, wx, ny, nx, static, which)
     return lax.fori_loop(0, t_bound, over_t, jnp.zeros(shape, acc))
 
 
-def _transpose(g, features, base, ry, wy, rx, wx, ny, nx, *, static):
+def _transpose(g, features, base, ry, wy, rx, wx, ny, nx, *, static, batched):
     undefined = [ad.is_undefined_primal(v) for v in (features, wy, wx)]
     if sum(undefined) != 1:
         raise NotImplementedError("gather_sum is linear in one of features, wy, wx at a time")
@@ -141,25 +156,39 @@ def _transpose(g, features, base, ry, wy, rx, wx, ny, nx, *, static):
         return [None] * 8
     out = [None] * 8
     if undefined[0]:
-        out[0] = _transpose_features(g, features.aval, base, ry, wy, rx, wx, ny, nx, static)
-    elif undefined[1]:
-        out[3] = _transpose_weights(g, features, base, ry, wy, rx, wx, ny, nx, static, "y")
+        aval = features.aval
+        one = jax.core.ShapedArray(aval.shape[1:] if batched else aval.shape, aval.dtype)
+        fn = lambda g, base, ry, wy, rx, wx, ny, nx: _transpose_features(  # noqa: E731
+            g, one, base, ry, wy, rx, wx, ny, nx, static)
+        out[0] = _per_element(fn, batched)(g, base, ry, wy, rx, wx, ny, nx)
     else:
-        out[5] = _transpose_weights(g, features, base, ry, wy, rx, wx, ny, nx, static, "x")
+        which = "y" if undefined[1] else "x"
+        table = wy if which == "y" else wx
+        aval = table.aval
+        one = jax.core.ShapedArray(aval.shape[1:] if batched else aval.shape, aval.dtype)
+        known = wx if which == "y" else wy
+
+        def fn(g, features, base, ry, known, rx, ny, nx):
+            y, x = (ad.UndefinedPrimal(one), known) if which == "y" else (known, ad.UndefinedPrimal(one))
+            return _transpose_weights(g, features, base, ry, y, rx, x, ny, nx, static, which)
+
+        in_axes = (0, 0, 0, 0, 0, 0, None, None)
+        res = (jax.vmap(fn, in_axes=in_axes) if batched else fn)(g, features, base, ry, known, rx, ny, nx)
+        out[3 if which == "y" else 5] = res
     return out
 
 
-def _jvp(primals, tangents, *, static):
+def _jvp(primals, tangents, *, static, batched):
     features, base, ry, wy, rx, wx, ny, nx = primals
     d_features, _, _, d_wy, _, d_wx, _, _ = tangents
-    out = gather_sum_p.bind(*primals, static=static)
+    out = gather_sum_p.bind(*primals, static=static, batched=batched)
     terms = []
     if type(d_features) is not ad.Zero:
-        terms.append(gather_sum_p.bind(d_features, base, ry, wy, rx, wx, ny, nx, static=static))
+        terms.append(gather_sum_p.bind(d_features, base, ry, wy, rx, wx, ny, nx, static=static, batched=batched))
     if type(d_wy) is not ad.Zero:
-        terms.append(gather_sum_p.bind(features, base, ry, d_wy, rx, wx, ny, nx, static=static))
+        terms.append(gather_sum_p.bind(features, base, ry, d_wy, rx, wx, ny, nx, static=static, batched=batched))
     if type(d_wx) is not ad.Zero:
-        terms.append(gather_sum_p.bind(features, base, ry, wy, rx, d_wx, ny, nx, static=static))
+        terms.append(gather_sum_p.bind(features, base, ry, wy, rx, d_wx, ny, nx, static=static, batched=batched))
     if not terms:
         return out, ad.Zero.from_primal_value(out)
     tangent = terms[0]
@@ -168,11 +197,13 @@ def _jvp(primals, tangents, *, static):
     return out, tangent
 
 
-def _batch(args, dims, *, static):
-    """Folds the mapped axis into the box axis K; a mapped map folds into its rows, each
-    mapped element's boxes offset to their own copy's rows."""
+def _batch(args, dims, *, static, batched):
+    """A mapped map makes the call batched (a new leading axis on every operand, nested
+    maps folded into it): the per-image form stays a batched gather, whose batch axis a
+    sharded jit partitions. A shared map keeps the call as it is, the mapped axis folded
+    into the box axis K (no copy of the map)."""
     features, base, ry, wy, rx, wx, ny, nx = args
-    fd, bd, ryd, wyd, rxd, wxd, nyd, nxd = dims
+    fd = dims[0]
     n = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
     def lead(x, d):
@@ -181,23 +212,29 @@ def _batch(args, dims, *, static):
     def fold(x):
         return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
-    base_b = lead(base, bd)
+    ny = jnp.max(ny, axis=dims[6]) if dims[6] is not None else ny
+    nx = jnp.max(nx, axis=dims[7]) if dims[7] is not None else nx
+    tables = [lead(a, d) for a, d in zip(args[1:6], dims[1:6])]
     if fd is not None:
-        features = jnp.moveaxis(features, fd, 0)
-        rows = features.shape[1]
-        base_b = base_b + (jnp.arange(n, dtype=base_b.dtype) * rows)[:, None]
-        features = fold(features)
-    ny = jnp.max(ny, axis=nyd) if nyd is not None else ny
-    nx = jnp.max(nx, axis=nxd) if nxd is not None else nx
-    out = gather_sum_p.bind(features, fold(base_b), fold(lead(ry, ryd)), fold(lead(wy, wyd)),
-                            fold(lead(rx, rxd)), fold(lead(wx, wxd)), ny, nx, static=static)
+        features = lead(features, fd)
+        if batched:  # nested: the new axis joins the existing one
+            features, tables = fold(features), [fold(t) for t in tables]
+        out = gather_sum_p.bind(features, *tables, ny, nx, static=static, batched=True)
+        return (out.reshape((n, out.shape[0] // n) + out.shape[1:]) if batched else out), 0
+    if batched:  # [n, G, K, ...] -> [G, n*K, ...]: fold into each element's boxes
+        tables = [jnp.swapaxes(t, 0, 1) for t in tables]
+        tables = [t.reshape((t.shape[0], t.shape[1] * t.shape[2]) + t.shape[3:]) for t in tables]
+        out = gather_sum_p.bind(features, *tables, ny, nx, static=static, batched=True)
+        out = out.reshape((out.shape[0], n, out.shape[1] // n) + out.shape[2:])
+        return jnp.swapaxes(out, 0, 1), 0
+    out = gather_sum_p.bind(features, *[fold(t) for t in tables], ny, nx, static=static, batched=False)
     return out.reshape((n, out.shape[0] // n) + out.shape[1:]), 0
 
 
 gather_sum_p = Primitive("jax_roi_gather_sum")
-gather_sum_p.def_impl(lambda *args, static: _forward(*args, static=static))
+gather_sum_p.def_impl(_evaluate)
 gather_sum_p.def_abstract_eval(_abstract)
-mlir.register_lowering(gather_sum_p, mlir.lower_fun(_forward, multiple_results=False))
+mlir.register_lowering(gather_sum_p, mlir.lower_fun(_evaluate, multiple_results=False))
 ad.primitive_jvps[gather_sum_p] = _jvp
 ad.primitive_transposes[gather_sum_p] = _transpose
 batching.primitive_batchers[gather_sum_p] = _batch
