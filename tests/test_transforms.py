@@ -50,6 +50,9 @@ OPS = {
 }
 FORWARD_TARGET = {"pool": "jax_roi_roi_pool_fwd"}
 BACKWARD_TARGET = {"pool": "jax_roi_roi_pool_bwd"}
+# RoIWarp's rounded and RoIPool's whole cells are flat in the boxes: a Jacobian in the
+# boxes alone is zero and calls no kernel.
+FLAT_IN_BOXES = {"warp", "pool"}
 
 
 def _boxes(rng, n):
@@ -205,7 +208,8 @@ def test_kernel_path_matches_pure_jax(op, form, transform):
     if transform in REVERSE | VMAPPED_FORWARD | {"jit"}:
         # Reverse mode alone (vjp, jacrev) needs no primal output: its forward call is dead code.
         assert _count(text, fwd) == (0 if transform in {"vjp", "jacrev", "vmap-of-jacrev"} else 1)
-        assert _count(text, bwd) == (1 if transform in REVERSE else 0)
+        boxes_only = transform == "vmap-of-jacrev" and op in FLAT_IN_BOXES
+        assert _count(text, bwd) == (1 if transform in REVERSE and not boxes_only else 0)
 
 
 @pytest.mark.parametrize("transform", ["grad", "hessian", "vmap-of-grad", "jvp-of-vmap"])

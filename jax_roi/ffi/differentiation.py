@@ -38,7 +38,7 @@ def _forward_jvp(primals, tangents, *, cfg, grouped):
     has_rois = not _is_zero(d_rois) and cfg.has_box_gradient
     has_features = not all(_is_zero(d) for d in d_features)
     if not (has_rois or has_features):
-        return out, ad.Zero(jax.core.get_aval(out).to_tangent_aval())
+        return out, ad.Zero(jax.typeof(out).to_tangent_aval())
     d_rois = _instantiate(d_rois, rois)
     d_features = [_instantiate(d, f) for d, f in zip(d_features, features)]
     return out, P.tangent(d_rois, d_features, rois, level, features, cfg=cfg, grouped=grouped,
