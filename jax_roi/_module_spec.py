@@ -61,6 +61,9 @@ _IMPLEMENTATION = _a("implementation", None, Optional[str],
 _DETERMINISTIC = _a("deterministic", False, bool,
                     "bitwise-reproducible feature gradients on the CUDA kernels (slower); the "
                     "other paths are deterministic on CPU anyway.")
+_FORMULATION = _a("formulation", None, Optional[str],
+                   "the pure-JAX path's form of the average: ``\"gather\"``, ``\"matmul\"`` (no gather or "
+                   "scatter, for TPU) or ``None`` (matmul on TPU, gather elsewhere).")
 _DTYPE = _a("dtype", None, Any,
             "the dtype of the computation and the output: the features are cast to it "
             "(``None``: kept as they are). Boxes are never cast.")
@@ -74,13 +77,13 @@ SPECS = {
     "RoIAlign": OpSpec(
         "RoIAlign", ops.roi_align, "RoIAlign (Mask R-CNN): :func:`jax_roi.roi_align`",
         (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _ALIGNED, _REDUCTION, _DATA_FORMAT, _IMPLEMENTATION,
-         _DETERMINISTIC, _DTYPE),
+         _DETERMINISTIC, _FORMULATION, _DTYPE),
         example=_HEAD.format(pool="RoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)")),
     "RoIWarp": OpSpec(
         "RoIWarp", ops.roi_warp, "RoIWarp (MNC): :func:`jax_roi.roi_warp` (the legacy grid on the "
         "box rounded to whole cells, so no ``aligned``)",
         (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _REDUCTION, _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC,
-         _DTYPE),
+         _FORMULATION, _DTYPE),
         example=_HEAD.format(pool="RoIWarp(7, spatial_scale=1 / 16, sampling_ratio=2)")),
     "RoIPool": OpSpec(
         "RoIPool", ops.roi_pool, "RoIPool (Fast R-CNN): :func:`jax_roi.roi_pool`",
@@ -98,7 +101,7 @@ SPECS = {
          _a("aligned", True, bool, "as :class:`RoIAlign` (torchvision's module uses ``False``)."),
          _a("canonical_scale", 224, float, "``s0`` of the FPN level rule."),
          _a("canonical_level", 4, int, "``k0`` of the FPN level rule."),
-         _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC,
+         _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC, _FORMULATION,
          _a("dtype", None, Any, "as :class:`RoIAlign`; every level is cast to it.")),
         levels=True,
         example=_HEAD.format(pool="MultiScaleRoIAlign(7, spatial_scales=(1/4, 1/8, 1/16, 1/32), "

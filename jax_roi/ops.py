@@ -24,15 +24,17 @@ def _kernels():
     return ffi_ops
 
 
-# implementation -> (the canonical-form module, whether it takes `deterministic`)
-_IMPLEMENTATIONS: dict[str, tuple[Callable[[], Any], bool]] = {
-    "xla": (lambda: _xla, False),
-    "ffi": (_kernels, True),
+# implementation -> (the canonical-form module, the extra keyword arguments it takes:
+# the kernels' `deterministic`, the pure-JAX path's `formulation`)
+_IMPLEMENTATIONS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
+    "xla": (lambda: _xla, ("formulation",)),
+    "ffi": (_kernels, ("deterministic",)),
 }
 
 
-def _implementation_name(implementation: Any) -> str:
-    """``None`` -> the kernels where built for the default platform, else pure JAX."""
+def _implementation_name(implementation: Any, formulation: Any = None) -> str:
+    """``None`` -> the kernels where built for the default platform, else pure JAX; a
+    ``formulation`` named explicitly is a pure-JAX formulation, so ``None`` gives pure JAX."""
     _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
     built = _ffi.platforms()
     if implementation == "ffi" and not built:
@@ -40,8 +42,11 @@ def _implementation_name(implementation: Any) -> str:
             "implementation: expected a built implementation; 'ffi' needs the compiled "
             "extension jax_roi._ext, which is not built (reinstall with `pip install .`), "
             f"got 'ffi' ({_ffi.load_error()}). Use implementation='xla' or None.")
+    if implementation == "ffi" and formulation is not None:
+        raise ValueError(f"formulation: expected None with implementation='ffi' (a formulation is a "
+                         f"pure-JAX path's, implementation='xla'), got {formulation!r}")
     if implementation is None:
-        return "ffi" if jax.default_backend() in built else "xla"
+        return "ffi" if jax.default_backend() in built and formulation is None else "xla"
     return implementation
 
 
@@ -49,15 +54,19 @@ def _implementation_module(implementation: Any):
     return _IMPLEMENTATIONS[_implementation_name(implementation)][0]()
 
 
-def _implementation(implementation: Any, deterministic: Any = False):
-    """The implementation module, and the extra keyword arguments it takes."""
-    deterministic = _inputs.static_bool("deterministic", deterministic)
-    load, takes_deterministic = _IMPLEMENTATIONS[_implementation_name(implementation)]
-    return load(), ({"deterministic": deterministic} if takes_deterministic else {})
+def _implementation(implementation: Any, deterministic: Any = False, **options: Any):
+    """The implementation module, and those of the op's options it takes (``deterministic``;
+    ``formulation`` for the ops that have one)."""
+    options["deterministic"] = _inputs.static_bool("deterministic", deterministic)
+    if "formulation" in options:
+        _inputs.check_choice("formulation", options["formulation"], (None,) + _xla.FORMULATIONS)
+    load, takes = _IMPLEMENTATIONS[_implementation_name(implementation, options.get("formulation"))]
+    return load(), {name: options[name] for name in takes if name in options}
 
 
 def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
-              reduction="avg", data_format="NHWC", implementation=None, deterministic=False):
+              reduction="avg", data_format="NHWC", implementation=None, deterministic=False,
+              formulation=None):
     r"""RoIAlign (Mask R-CNN): bilinear samples on a regular grid in each bin, averaged or maxed.
 
     For a box ``(x1, y1, x2, y2)`` in image pixels and ``off = 0.5 if aligned else 0``, the
@@ -87,6 +96,12 @@ def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio
         backward instead of atomics, slower). The CPU kernels and the pure-JAX path on CPU
         are deterministic anyway; for the pure-JAX path on GPU use XLA's
         ``--xla_gpu_deterministic_ops``.
+      formulation: the pure-JAX path's form of the average: ``"gather"`` (reads each
+        sample's four neighbours; fastest on CPU and GPU) or ``"matmul"`` (per-box
+        interpolation matrices contracted with the map: no gather or scatter, forward or
+        backward, for TPU). ``None``: ``"matmul"`` on TPU and ``"gather"`` elsewhere,
+        chosen when lowered. Naming one selects the pure-JAX path (with
+        ``implementation=None``); ``reduction="max"`` has no matmul form.
 
     Returns:
       ``[K, oh, ow, C]`` for rois, ``[..., R, oh, ow, C]`` for per-image boxes
@@ -95,11 +110,11 @@ def roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio
     return _bilinear(features, boxes, output_size, spatial_scale=spatial_scale,
                      sampling_ratio=sampling_ratio, aligned=aligned, reduction=reduction,
                      data_format=data_format, implementation=implementation, quantize=False,
-                     deterministic=deterministic)
+                     deterministic=deterministic, formulation=formulation)
 
 
 def roi_warp(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, reduction="avg",
-             data_format="NHWC", implementation=None, deterministic=False):
+             data_format="NHWC", implementation=None, deterministic=False, formulation=None):
     """RoIWarp (MNC): the box is snapped to the feature grid (``round(x*s)``, half away from
     zero), then sampled bilinearly as legacy RoIAlign (``aligned=False``).
 
@@ -108,17 +123,20 @@ def roi_warp(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=
     return _bilinear(features, boxes, output_size, spatial_scale=spatial_scale,
                      sampling_ratio=sampling_ratio, aligned=False, reduction=reduction,
                      data_format=data_format, implementation=implementation, quantize=True,
-                     deterministic=deterministic)
+                     deterministic=deterministic, formulation=formulation)
 
 
 def _bilinear(features, boxes, output_size, *, spatial_scale, sampling_ratio, aligned, reduction,
-              data_format, implementation, quantize, deterministic):
+              data_format, implementation, quantize, deterministic, formulation):
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
     sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
     aligned = _inputs.static_bool("aligned", aligned) and not quantize
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
-    impl, extra = _implementation(implementation, deterministic)
+    if reduction == "max" and formulation == "matmul":
+        raise ValueError("formulation: expected 'gather' or None with reduction='max' (the max has no "
+                         "matmul form), got 'matmul'")
+    impl, extra = _implementation(implementation, deterministic, formulation=formulation)
     canon = _inputs.canonicalize(features, boxes, data_format)
     return canon.apply(functools.partial(
         impl.roi_align, output_size=size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
@@ -148,7 +166,7 @@ def roi_pool(features, boxes, output_size, *, spatial_scale=1.0, binning="caffe"
 
 def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampling_ratio=-1, aligned=True,
                          canonical_scale=224, canonical_level=4, data_format="NHWC", implementation=None,
-                         deterministic=False):
+                         deterministic=False, formulation=None):
     """Multi-level (FPN) RoIAlign: each box is average-pooled on one level, chosen by its size.
 
     The level is :func:`jax_roi.fpn_levels` (torchvision's ``MultiScaleRoIAlign`` rule); the
@@ -161,8 +179,9 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
       boxes: ``[B, R, 4]`` per image or ``[K, 5]`` rois, in image pixels.
       output_size: ``int`` or ``(oh, ow)``.
       spatial_scales: one power of two per level, e.g. ``[1/4, 1/8, 1/16, 1/32]``.
-      sampling_ratio, aligned, data_format, implementation, deterministic: as :func:`roi_align`
-        (torchvision's module uses ``aligned=False``).
+      sampling_ratio, aligned, data_format, implementation, deterministic, formulation: as
+        :func:`roi_align` (torchvision's module uses ``aligned=False``). The matmul
+        formulation builds each box's matrices for its own level only.
       canonical_scale, canonical_level: ``s0`` and ``k0`` of the level rule.
 
     Returns:
@@ -176,7 +195,7 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
     aligned = _inputs.static_bool("aligned", aligned)
     canonical_scale = _inputs.static_float("canonical_scale", canonical_scale)
     canonical_level = _inputs.static_int("canonical_level", canonical_level)
-    impl, extra = _implementation(implementation, deterministic)
+    impl, extra = _implementation(implementation, deterministic, formulation=formulation)
     levels, canon = _inputs.canonicalize_levels(features, boxes, data_format)
     if len(levels) != len(spatial_scales):
         raise ValueError(f"spatial_scales: expected one scale per level ({len(levels)} levels), "
@@ -190,7 +209,9 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
                                    canonical_level=canonical_level)
             # A box without a level (negative or non-finite area) is pooled to zeros, as a
             # padding box, which is what torchvision's module gives it.
-            rois = rois.at[:, 0].set(jnp.where(level_ids >= 0, rois[:, 0], -1))
+            # (A concatenation, not an indexed update: no scatter in the TPU lowering.)
+            batch = jnp.where(level_ids >= 0, rois[:, 0], -1)
+            rois = jnp.concatenate([batch[:, None], rois[:, 1:]], axis=1)
         return impl.multilevel_roi_align(levels, rois, jnp.maximum(level_ids, 0), size,
                                          spatial_scales=spatial_scales, sampling_ratio=sampling_ratio,
                                          aligned=aligned, **extra)

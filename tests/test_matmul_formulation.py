@@ -30,7 +30,7 @@ def _inputs(seed, dtype=np.float64, B=2, H=9, W=11, C=3, scale=0.5, count=20):
 
 
 def _gather(feats, rois, size, **kw):
-    return X.roi_align(feats, rois, size, reduction="avg", **kw)
+    return X.roi_align(feats, rois, size, reduction="avg", formulation="gather", **kw)
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["align", "warp"])

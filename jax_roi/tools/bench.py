@@ -35,6 +35,11 @@ WORKLOADS = {
 }
 OPS = ("roi_align", "roi_pool", "multiscale_roi_align")
 CHANNELS = 256
+# The pure-JAX path in each formulation of average RoIAlign (jax_roi/xla/formulation.py):
+# `--formulation gather,matmul` measures both, as paths "xla" and "xla-matmul".
+FORMULATION_PATHS = {"gather": "xla", "matmul": "xla-matmul"}
+PATH_FORMULATION = {path: f for f, path in FORMULATION_PATHS.items()}
+MATMUL_OPS = ("roi_align", "multiscale_roi_align")  # RoIPool has no matmul form
 
 
 def make_inputs(name: str, seed: int = 0):
@@ -86,7 +91,12 @@ def _measure_jax(name, op, implementation, repeats):
     feats, rois = make_inputs(name)
     feats = [jnp.asarray(f) for f in feats]
     rois = jnp.asarray(rois)
-    kw = dict(implementation=implementation)
+    if implementation in PATH_FORMULATION:
+        kw = dict(implementation="xla")
+        if op in MATMUL_OPS:
+            kw["formulation"] = PATH_FORMULATION[implementation]
+    else:
+        kw = dict(implementation=implementation)
     if op == "multiscale_roi_align":
         def f(fs, r):
             return jax_roi.multiscale_roi_align(fs, r, w["output"], spatial_scales=w["scales"],
@@ -109,9 +119,27 @@ def _measure_jax(name, op, implementation, repeats):
         t0 = time.perf_counter()
         compiled = fn.lower(*args).compile()
         result[f"{label}_compile_ms"] = (time.perf_counter() - t0) * 1e3
+        result.update({f"{label}_{k}": v for k, v in _cost(compiled).items()})
         jax.block_until_ready(compiled(*args))  # warm-up
         result[f"{label}_ms"] = _median_ms(lambda: jax.block_until_ready(compiled(*args)), repeats)
     return result
+
+
+def _cost(compiled):
+    """XLA's cost analysis of the compiled function: ``flops`` and ``bytes`` accessed (a
+    kernel custom call counts as nothing, so only the pure-JAX paths' figures mean much)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    out = {}
+    if cost and "flops" in cost:
+        out["flops"] = float(cost["flops"])
+    if cost and "bytes accessed" in cost:
+        out["bytes"] = float(cost["bytes accessed"])
+    return out
 
 
 def _measure_torchvision(name, op, repeats):
@@ -177,12 +205,12 @@ def torchvision_available() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
-def available_paths():
+def available_paths(formulations=("gather",)):
     import jax
 
     from jax_roi import ffi
 
-    paths = ["xla"]
+    paths = [FORMULATION_PATHS[f] for f in formulations]
     if jax.default_backend() in ffi.platforms():
         paths.append("ffi")
     if torchvision_available():
@@ -233,7 +261,8 @@ def run(workloads, ops, paths, repeats, json_path, timeout=900):
             if not (op == "multiscale_roi_align" and name != "fpn")
             # roi_align on fpn is the single-level yardstick: finest level, same K
             and not (op == "roi_pool" and name == "fpn")
-            for path in paths]
+            for path in paths
+            if not (path == FORMULATION_PATHS["matmul"] and op not in MATMUL_OPS)]
     if "torchvision" not in paths:
         print("torchvision is not installed: this run has no torchvision peer. To add it: "
               + TORCHVISION_HINT, flush=True)
@@ -270,9 +299,13 @@ def _format_row(r):
     head = f"{r['workload']:<18} {r['op']:<21} {r['path']:<12}"
     if "error" in r:
         return head + f" error: {r['error']}"
-    return head + (f" fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms  "
+    line = head + (f" fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms  "
                    f"compile {r['fwd_compile_ms']:7.0f}/{r['fwd_bwd_compile_ms']:6.0f} ms  "
                    f"peak RSS {r['peak_rss_mb']:7.0f} MB")
+    if r["path"] in PATH_FORMULATION and "fwd_flops" in r:  # XLA's cost analysis, pure JAX only
+        line += (f"  GFLOP {r['fwd_flops'] / 1e9:.2f}/{r.get('fwd_bwd_flops', 0) / 1e9:.2f}"
+                 f"  GB {r.get('fwd_bytes', 0) / 1e9:.2f}/{r.get('fwd_bwd_bytes', 0) / 1e9:.2f}")
+    return line
 
 
 def ratio_rows(rows):
@@ -321,7 +354,11 @@ def build_parser(parser=None):
     parser.add_argument("--ops", default="roi_align,roi_pool,multiscale_roi_align",
                         help="comma list from: " + ", ".join(OPS) + " (default: %(default)s)")
     parser.add_argument("--paths", default=None,
-                        help="comma list of xla, ffi, torchvision (default: all available here)")
+                        help="comma list of xla, xla-matmul, ffi, torchvision (default: all available "
+                             "here, the pure-JAX path in each --formulation)")
+    parser.add_argument("--formulation", default="gather",
+                        help="comma list of the pure-JAX path's formulations of average RoIAlign to "
+                             "measure: gather (path xla), matmul (path xla-matmul) (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default: %(default)s)")
     parser.add_argument("--json", default="bench_results.json", help="results file (default: %(default)s)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -346,10 +383,14 @@ def run_from_args(args) -> int:
     for o in ops:
         if o not in OPS:
             return fail(f"--ops: expected names from {', '.join(OPS)}, got {o!r}")
-    paths = args.paths.split(",") if args.paths else available_paths()
+    formulations = [f for f in args.formulation.split(",") if f]
+    for f in formulations:
+        if f not in FORMULATION_PATHS:
+            return fail(f"--formulation: expected names from {', '.join(FORMULATION_PATHS)}, got {f!r}")
+    paths = args.paths.split(",") if args.paths else available_paths(formulations)
     for p in paths:
-        if p not in ("xla", "ffi", "torchvision"):
-            return fail(f"--paths: expected names from xla, ffi, torchvision, got {p!r}")
+        if p not in ("xla", "xla-matmul", "ffi", "torchvision"):
+            return fail(f"--paths: expected names from xla, xla-matmul, ffi, torchvision, got {p!r}")
     if "torchvision" in paths and not torchvision_available():
         return fail("--paths: torchvision is not installed. To add it: " + TORCHVISION_HINT)
     run(workloads, ops, paths, args.repeats, args.json)
