@@ -10,8 +10,9 @@ first maximal cell is kept as a small key (``int8``) relative to the block's cor
 table holds only the levels that the largest bin present needs (a ``lax.switch`` over the
 level count, so the cost and memory follow the boxes), at most ``_LEVELS`` per axis;
 larger bins loop over blocks of that table. No gradient flows through the
-search; the winning cell is then read again differentiably, so autodiff routes the
-gradient to it alone. Box coordinates only pass through rounding, so boxes get no
+search. The forward returns the maxima themselves; the first maximal cell is searched only
+when differentiating (a ``custom_jvp``), and the tangent is the feature tangent read at
+that cell, so reverse mode routes the gradient to it alone. Box coordinates only pass through rounding, so boxes get no
 gradient (docs/semantics.md).
 
 Ties: the first maximal cell of a union of blocks is the smallest row-major index among
@@ -22,6 +23,7 @@ all ``-inf`` or NaN is 0, as with a strict ``>`` scan from ``-inf``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -108,24 +110,27 @@ def _tables(values, levels_y, levels_x):
     return tv.reshape(-1, channels), ta.reshape(-1, channels), levels_x
 
 
-def _read(table, level, y, x, exists, shape):
+def _read(table, level, y, x, exists, shape, with_arg=True):
     """Table entries ``[K, oh, ow, C]`` of the blocks at level ``[K, oh, ow]`` from
-    ``y [K, oh]``, ``x [K, ow]`` (row 0 where the bin is empty): values and the row-major
-    index in the image of the first maximal cell."""
+    ``y [K, oh]``, ``x [K, ow]`` (row 0 where the bin is empty): values and (``with_arg``)
+    the row-major index in the image of the first maximal cell."""
     (tv, ta, levels_x), (_, height, width) = table, shape
     y = jnp.clip(y, 0, height - 1)[:, :, None]
     x = jnp.clip(x, 0, width - 1)[:, None, :]
     row = jnp.where(exists, (level * height + y) * width + x, 0)
+    if not with_arg:
+        return tv.at[row].get(mode="promise_in_bounds"), None
     key = ta.at[row].get(mode="promise_in_bounds").astype(jnp.int32)
     bits = levels_x - 1  # key = dy * 2**bits + dx
     cell = (y[..., None] + (key >> bits)) * width + x[..., None] + (key & ((1 << bits) - 1))
     return tv.at[row].get(mode="promise_in_bounds"), cell
 
 
-def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
-    """``[K, oh, ow, C]`` row-major index (in its image) of each bin's first maximal cell,
-    ``-1`` where the bin is empty or holds no cell above ``-inf``; every bin side below
-    ``2**levels``: four blocks, one pass."""
+def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x, with_arg):
+    """``[K, oh, ow, C]`` maximum of each bin (``-inf`` where the bin is empty) and, with
+    ``with_arg``, the row-major index (in its image) of its first maximal cell, ``-1`` where
+    the bin is empty or holds no cell above ``-inf``; every bin side below ``2**levels``:
+    four blocks, one pass."""
     num_images, height, width, _ = values.shape
     table = _tables(values, levels_y, levels_x)
     iy, jx = _floor_log2(hy), _floor_log2(hx)  # [K, oh], [K, ow]
@@ -134,18 +139,21 @@ def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x):
     best, corners = None, []
     for y in (y0, y0 + hy - (1 << iy)):
         for x in (x0, x0 + hx - (1 << jx)):
-            v, a = _read(table, level, y, x, exists, (num_images, height, width))
+            v, a = _read(table, level, y, x, exists, (num_images, height, width), with_arg)
             corners.append((v, a))
             best = v if best is None else jnp.maximum(best, v)
+    best = jnp.where(exists[..., None], best, -jnp.inf)
+    if not with_arg:
+        return best, None
     big = jnp.iinfo(jnp.int32).max
     arg = None
     for v, a in corners:
         a = jnp.where(v == best, a, big)
         arg = a if arg is None else jnp.minimum(arg, a)
-    return jnp.where(exists[..., None] & (best > -jnp.inf), arg, -1)
+    return best, jnp.where(best > -jnp.inf, arg, -1)
 
 
-def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
+def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x, with_arg):
     """As :func:`_winner` for bins of any size: a bin side ``h`` is covered by
     ``ceil(h / s)`` blocks of side ``s = 2**min(floor(log2 h), levels - 1)`` (the last one
     flush with the bin's end), visited by loops that run to the largest bin present."""
@@ -158,7 +166,7 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
     big = jnp.iinfo(jnp.int32).max
     k, oh, ow = level.shape
     best = jnp.full((k, oh, ow, channels), -jnp.inf, values.dtype)
-    arg = jnp.full((k, oh, ow, channels), big, jnp.int32)
+    arg = jnp.full((k, oh, ow, channels), big, jnp.int32) if with_arg else None
 
     def over_y(ty, carry):
         y = jnp.minimum(y0 + ty * (1 << iy), y0 + hy - (1 << iy))
@@ -167,14 +175,16 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
             best, arg = carry
             x = jnp.minimum(x0 + tx * (1 << jx), x0 + hx - (1 << jx))
             exists = (ty < ny)[:, :, None] & (tx < nx)[:, None, :]
-            v, a = _read(table, level, y, x, exists, (num_images, height, width))
+            v, a = _read(table, level, y, x, exists, (num_images, height, width), with_arg)
+            if not with_arg:
+                return jnp.where(exists[..., None], jnp.maximum(best, v), best), None
             better = exists[..., None] & ((v > best) | ((v == best) & (a < arg)))
             return jnp.where(better, v, best), jnp.where(better, a, arg)
 
         return lax.fori_loop(0, jnp.max(nx, initial=0), over_x, carry)
 
     best, arg = lax.fori_loop(0, jnp.max(ny, initial=0), over_y, (best, arg))
-    return jnp.where(best > -jnp.inf, arg, -1)
+    return best, (jnp.where(best > -jnp.inf, arg, -1) if with_arg else None)
 
 
 # Table levels of the one-pass path: blocks up to 4 x 4 cells, bins up to 7 x 7 (box and
@@ -183,33 +193,66 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x):
 _LEVELS = 3
 
 
+def _search(values, batch, y0, hy, x0, hx, with_arg):
+    """Each bin's maximum and (``with_arg``) first maximal cell, on the sparse table with
+    the fewest levels that the largest bin present needs."""
+    _, height, width, _ = values.shape
+    max_y, max_x = height.bit_length(), width.bit_length()  # levels a bin can need
+    need = jnp.maximum(_floor_log2(jnp.max(hy, initial=0)), _floor_log2(jnp.max(hx, initial=0)))
+    top = max(max_y, max_x)
+    branches = [
+        (lambda n: lambda *a: _winner(*a, min(n, max_y), min(n, max_x), with_arg))(n)
+        for n in range(1, min(top, _LEVELS) + 1)
+    ]
+    if top > _LEVELS:  # some bin side may reach 2**_LEVELS cells
+        branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x), with_arg))
+    return lax.switch(need, branches, values, batch, y0, hy, x0, hx)
+
+
+def _search_values(features):
+    """What the search compares: the features in the accumulation dtype, NaN as ``-inf``
+    (a NaN cell never wins), with no gradient."""
+    values = lax.stop_gradient(features).astype(accumulation_dtype(features.dtype))
+    return jnp.where(jnp.isnan(values), -jnp.inf, values)
+
+
+@jax.custom_jvp
+def _bin_max(features, batch, y0, hy, x0, hx):
+    """``[K, oh, ow, C]``: each bin's maximum cell value, 0 for a bin without cells above
+    ``-inf``. The forward needs only the maxima; the first maximal cell, which routes the
+    derivative, is searched only when differentiating (the rule below)."""
+    best, _ = _search(_search_values(features), batch, y0, hy, x0, hx, with_arg=False)
+    return jnp.where(best > -jnp.inf, best, 0).astype(features.dtype)
+
+
+@_bin_max.defjvp
+def _bin_max_jvp(primals, tangents):
+    features, batch, y0, hy, x0, hx = primals
+    _, arg = _search(_search_values(features), batch, y0, hy, x0, hx, with_arg=True)
+    num_images, height, width, channels = features.shape
+    has = arg >= 0
+    base = (batch * (height * width))[:, None, None, None]
+    idx = (base + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
+
+    def at_winner(x):
+        value = x.reshape(-1).at[idx].get(mode="promise_in_bounds")
+        return jnp.where(has, value, jnp.zeros_like(value))
+
+    # The output is read again at the first maximal cell (it equals the maximum) so that
+    # it stays differentiable when this rule is itself differentiated (hessian); the
+    # tangent is the feature tangent there: a gather, linear in it, which reverse mode
+    # transposes into a scatter-add onto that cell alone.
+    return at_winner(features), at_winner(tangents[0])
+
+
 def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe"):
     """Canonical-form RoIPool. Returns ``[K, oh, ow, C]``."""
     num_images, height, width, channels = features.shape
     oh, ow = output_size
-    acc = accumulation_dtype(features.dtype)
     if height == 0 or width == 0:  # no cells: every bin is empty
         return jnp.zeros((rois.shape[0], oh, ow, channels), features.dtype)
     batch, live = live_boxes(rois, num_images)
     common = dict(live=live, spatial_scale=spatial_scale, binning=binning)
     y0, hy = _axis_bins(rois[:, 2], rois[:, 4], bins=oh, size=height, **common)
     x0, hx = _axis_bins(rois[:, 1], rois[:, 3], bins=ow, size=width, **common)
-    flat = features.reshape(num_images * height * width, channels)
-    values = lax.stop_gradient(features).astype(acc)
-    values = jnp.where(jnp.isnan(values), -jnp.inf, values)
-
-    max_y, max_x = height.bit_length(), width.bit_length()  # levels a bin can need
-    need = jnp.maximum(_floor_log2(jnp.max(hy, initial=0)), _floor_log2(jnp.max(hx, initial=0)))
-    top = max(max_y, max_x)
-    branches = [
-        (lambda n: lambda *a: _winner(*a, min(n, max_y), min(n, max_x)))(n)
-        for n in range(1, min(top, _LEVELS) + 1)
-    ]
-    if top > _LEVELS:  # some bin side may reach 2**_LEVELS cells
-        branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x)))
-    arg = lax.switch(need, branches, values, batch, y0, hy, x0, hx)
-    has = arg >= 0
-    base = (batch * (height * width))[:, None, None, None]
-    idx = (base + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
-    value = flat.reshape(-1).at[idx].get(mode="promise_in_bounds")
-    return jnp.where(has, value, jnp.zeros_like(value))
+    return _bin_max(features, batch, y0, hy, x0, hx)
