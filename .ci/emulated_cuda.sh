@@ -13,8 +13,8 @@ python3 -c '
 from jax_roi import ffi
 assert ffi.cuda_emulated(), f"emulated CUDA targets not registered: {ffi.load_error()}"
 print("emulated CUDA kernels registered for platform cpu")'
-# Emulated against the CPU kernels, call by call, on the shapes that pick each code path.
-pytest -p no:cacheprovider -q -n 2 tests/test_cuda_emulation.py
+# (The emulated kernels against the CPU kernels, call by call on the shapes that pick each
+# code path, tests/test_cuda_emulation.py, run in the sanitizer step, under ASan + UBSan.)
 # The kernel-path tests again, now running the CUDA kernels: torchvision golden data and
 # the float64 oracle (roi_align, roi_warp, roi_pool, multi-level), edge boxes, feature and
 # box gradients, vmap, registration, threads, the oracle property tests' fast profile.

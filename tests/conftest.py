@@ -5,6 +5,7 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -145,16 +146,30 @@ def jit_static(fn):
     return wrapper
 
 
+def output_and_feature_gradient(fn, features, cotangent):
+    """``fn(features)`` and the gradient of ``sum(fn(features) * cotangent)`` in the
+    features, from one compiled function (one compile, not one per direction)."""
+    def both(f):
+        out, pullback = jax.vjp(fn, f)
+        return out, pullback(jnp.asarray(cotangent, out.dtype))[0]
+
+    return jax.jit(both)(features)
+
+
 # The canonical pure-JAX functions, jitted as a whole for the tests (tests call them, and the
 # public ops with implementation="xla", eagerly all the time). JAX_ROI_TEST_EAGER=1 keeps
 # them eager.
 if os.environ.get("JAX_ROI_TEST_EAGER") != "1":
     import jax_roi.xla as _xla_path
 
-    for _name in ("roi_align", "roi_pool", "multilevel_roi_align"):
-        _fn = getattr(_xla_path, _name, None)
-        if _fn is not None and not hasattr(_fn, "__wrapped_eager__"):
-            setattr(_xla_path, _name, jit_static(_fn))
+    import jax_roi.xla.matmul as _matmul_form
+
+    for _module, _names in ((_xla_path, ("roi_align", "roi_pool", "multilevel_roi_align")),
+                            (_matmul_form, ("roi_align_matmul", "multilevel_roi_align_matmul"))):
+        for _name in _names:
+            _fn = getattr(_module, _name, None)
+            if _fn is not None and not hasattr(_fn, "__wrapped_eager__"):
+                setattr(_module, _name, jit_static(_fn))
 
 @pytest.fixture(scope="module", autouse=True)
 def _clear_jax_caches_after_module():

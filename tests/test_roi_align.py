@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DEAD_ROWS, GOLDEN_PATH, TOLERANCE, random_rois
+from conftest import DEAD_ROWS, GOLDEN_PATH, TOLERANCE, output_and_feature_gradient, random_rois
 
 import jax_roi
 import reference as R
@@ -206,14 +206,13 @@ def test_torchvision_golden(implementation, golden_data):
     torchvision did not raise on (no cap on the adaptive count, as torchvision)."""
     g = golden_data
     for tag in _golden_align_tags(g):
-        feats, rois, (oh, ow), kw = _golden_align_case(g, tag)
+        feats, rois, size, kw = _golden_align_case(g, tag)
         keep = ~g[f"{tag}_tvfail"]
-        out = jax_roi.roi_align(feats, jnp.asarray(rois), (int(oh), int(ow)), implementation=implementation, **kw)
+        cot = np.where(keep[:, None, None, None], g[f"{tag}_cot_nhwc"], 0).astype(np.float32)
+        out, d_f = output_and_feature_gradient(
+            lambda f: jax_roi.roi_align(f, jnp.asarray(rois), size, implementation=implementation, **kw), feats, cot)
         np.testing.assert_allclose(np.asarray(out)[keep], g[f"{tag}_out_nhwc"][keep], atol=1e-5, rtol=0,
                                    err_msg=tag)
-        cot = np.where(keep[:, None, None, None], g[f"{tag}_cot_nhwc"], 0).astype(np.float32)
-        d_f = jax.grad(lambda f: jnp.sum(jax_roi.roi_align(
-            f, jnp.asarray(rois), (int(oh), int(ow)), implementation=implementation, **kw) * cot))(feats)
         np.testing.assert_allclose(np.asarray(d_f), g[f"{tag}_dfeat_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
 
 

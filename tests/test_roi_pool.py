@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DEAD_ROWS, TOLERANCE, random_rois
+from conftest import DEAD_ROWS, TOLERANCE, output_and_feature_gradient, random_rois
 
 import jax_roi
 import reference as R
@@ -74,10 +74,10 @@ def test_torchvision_golden(implementation, golden_data):
     for i, tag in enumerate(str(t) for t in g["pool_tags"]):
         s, oh, ow = g["pool_params"][i]
         kw = dict(spatial_scale=float(s), implementation=implementation)
-        out = jax_roi.roi_pool(feats, rois, (int(oh), int(ow)), **kw)
-        np.testing.assert_allclose(np.asarray(out), g[f"{tag}_out_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
         cot = jnp.asarray(g[f"{tag}_cot_nhwc"])
-        d_f = jax.grad(lambda f: jnp.sum(jax_roi.roi_pool(f, rois, (int(oh), int(ow)), **kw) * cot))(feats)
+        out, d_f = output_and_feature_gradient(
+            lambda f: jax_roi.roi_pool(f, rois, (int(oh), int(ow)), **kw), feats, cot)
+        np.testing.assert_allclose(np.asarray(out), g[f"{tag}_out_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
         np.testing.assert_allclose(np.asarray(d_f), g[f"{tag}_dfeat_nhwc"], atol=1e-5, rtol=0, err_msg=tag)
 
 
