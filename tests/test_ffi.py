@@ -304,8 +304,8 @@ def test_empty_inputs():
 
 
 @pytest.mark.parametrize("binning", ["caffe", "floor"])
-@pytest.mark.parametrize("scale", [1.0, 0.5, 0.3])
-@pytest.mark.parametrize("channels", [3, 16, 37])
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+@pytest.mark.parametrize("channels", [3, 37])  # below and above the vector width, ragged
 def test_pool_matches_xla_and_oracle(binning, scale, channels):
     feats, rois, rng = _inputs(60 + channels, C=channels, scale=scale)
     out = F.roi_pool(feats, rois, (3, 4), spatial_scale=scale, binning=binning)

@@ -181,8 +181,11 @@ def _count(text, target):
 # (which go through the grouped primitives and their folding) and, with rois, every
 # transform on adaptive average RoIAlign and on the others the transforms whose rules
 # differ by box form (the batching of a mapped rois axis, reverse and forward mode).
+# Fixed and adaptive sampling share every primitive and rule (only the kernels' sample
+# count differs), so the whole matrix runs one of each pair and the other in the quick rows.
 CORE = {"jit", "grad", "jvp", "hessian", "vmap-both", "vmap-of-grad", "grad-of-vmap"}
 ROIS_FORM = CORE | {"vmap-boxes", "vmap-of-grad-shared", "vmap-of-jacrev", "jvp-of-vmap"}
+QUICK_ONLY_OPS = {"align-avg-fixed", "align-max-adaptive"}
 
 
 def _matrix():
@@ -191,7 +194,7 @@ def _matrix():
             for transform in TRANSFORMS:
                 quick = (transform in CORE and form == "per_image") or (form == "rois"
                                                                         and op == "align-avg-adaptive")
-                if form == "rois" and not quick and transform not in ROIS_FORM:
+                if not quick and (op in QUICK_ONLY_OPS or (form == "rois" and transform not in ROIS_FORM)):
                     continue
                 marks = () if quick else (pytest.mark.slow,)
                 yield pytest.param(op, form, transform, marks=marks, id=f"{op}-{form}-{transform}")
