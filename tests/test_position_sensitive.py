@@ -126,3 +126,24 @@ def test_errors_name_the_argument():
         jax_roi.ps_roi_align(feats, rois, 2)
     with pytest.raises(ValueError, match=r"implementation: expected None or 'xla' for ps_roi_pool.*got 'ffi'"):
         jax_roi.ps_roi_pool(jnp.zeros((1, 5, 5, 8)), rois, 2, implementation="ffi")
+
+
+@pytest.mark.parametrize("name", ["PSRoIAlign", "PSRoIPool"])
+def test_linen_and_nnx_modules(name):
+    """Stateless modules equal to the function (jit, ``dtype`` cast) in both Flax APIs."""
+    from jax_roi import linen, nnx
+
+    size = (2, 3)
+    feats, rois, _ = _inputs(5, size, dtype=np.float32)
+    fn = {"PSRoIAlign": functools.partial(jax_roi.ps_roi_align, sampling_ratio=2),
+          "PSRoIPool": jax_roi.ps_roi_pool}[name]
+    want = jax.jit(lambda f, r: fn(f, r, size, spatial_scale=0.5))(feats, rois)
+    module = getattr(linen, name)(size, spatial_scale=0.5, **({"sampling_ratio": 2} if name == "PSRoIAlign" else {}))
+    variables = module.init(jax.random.key(0), feats, rois)
+    assert jax.tree_util.tree_leaves(variables) == []
+    np.testing.assert_allclose(jax.jit(module.apply)(variables, feats, rois), want, atol=1e-6)
+    n = getattr(nnx, name)(size, spatial_scale=0.5, dtype=jnp.bfloat16,
+                           **({"sampling_ratio": 2} if name == "PSRoIAlign" else {}))
+    out = n(feats, rois)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), want, atol=3e-2, rtol=2e-2)
