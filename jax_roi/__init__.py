@@ -6,9 +6,10 @@ defined in docs/semantics.md.
 """
 
 from jax_roi.checks import check_boxes
-from jax_roi.ops import multiscale_roi_align, roi_align, roi_pool, roi_warp
+from jax_roi.ops import multiscale_roi_align, ps_roi_align, ps_roi_pool, roi_align, roi_pool, roi_warp
 from jax_roi.pyramid import fpn_levels
 
 __version__ = "0.1.0"
 
-__all__ = ["check_boxes", "fpn_levels", "multiscale_roi_align", "roi_align", "roi_pool", "roi_warp"]
+__all__ = ["check_boxes", "fpn_levels", "multiscale_roi_align", "ps_roi_align", "ps_roi_pool", "roi_align", "roi_pool",
+           "roi_warp"]

@@ -206,6 +206,17 @@ def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
     return Canonical(flat_features, None, flat_boxes, restore)
 
 
+def position_sensitive_channels(features: Any, output_size: tuple, data_format: str) -> int:
+    """``C_out``: the input channels ``C`` must be ``C_out * oh * ow`` (one group per bin)."""
+    channels = jnp.shape(features)[-3 if data_format == "NCHW" else -1]
+    oh, ow = output_size
+    if channels % (oh * ow) or channels == 0:
+        _fail(ValueError, "features",
+              f"a channel count that is a positive multiple of oh * ow = {oh * ow} (output_size {output_size}: "
+              "C = C_out * oh * ow)", f"{channels} channels")
+    return channels // (oh * ow)
+
+
 def canonicalize_levels(levels: Any, boxes: Any, data_format: str):
     """The pyramid form: ``levels`` a sequence of maps with the same leading axes, channels
     and dtype. Returns ``(levels [B, Hl, Wl, C] each, the Canonical of the first level)``."""

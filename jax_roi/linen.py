@@ -1,5 +1,5 @@
-"""``flax.linen`` modules for the jax_roi ops: ``RoIAlign``, ``RoIWarp``, ``RoIPool`` and
-``MultiScaleRoIAlign``.
+"""``flax.linen`` modules for the jax_roi ops: ``RoIAlign``, ``RoIWarp``, ``RoIPool``,
+``MultiScaleRoIAlign``, ``PSRoIAlign`` and ``PSRoIPool``.
 
 Each module is a thin, stateless wrapper (no parameters, no variables) around the function of
 the same name in :mod:`jax_roi`: its attributes are the function's keyword arguments (and
@@ -34,7 +34,7 @@ import flax.linen as nn
 
 from jax_roi import _module_spec as _spec
 
-__all__ = ["MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp"]
+__all__ = ["MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIPool", "RoIWarp"]
 
 
 def _make(spec: _spec.OpSpec) -> type:
@@ -62,4 +62,6 @@ RoIAlign = _make(_spec.SPECS["RoIAlign"])
 RoIWarp = _make(_spec.SPECS["RoIWarp"])
 RoIPool = _make(_spec.SPECS["RoIPool"])
 MultiScaleRoIAlign = _make(_spec.SPECS["MultiScaleRoIAlign"])
+PSRoIAlign = _make(_spec.SPECS["PSRoIAlign"])
+PSRoIPool = _make(_spec.SPECS["PSRoIPool"])
 

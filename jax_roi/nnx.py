@@ -1,5 +1,5 @@
-"""``flax.nnx`` modules for the jax_roi ops: ``RoIAlign``, ``RoIWarp``, ``RoIPool`` and
-``MultiScaleRoIAlign``.
+"""``flax.nnx`` modules for the jax_roi ops: ``RoIAlign``, ``RoIWarp``, ``RoIPool``,
+``MultiScaleRoIAlign``, ``PSRoIAlign`` and ``PSRoIPool``.
 
 Each module is a thin, stateless wrapper (no ``nnx.Param``, no ``nnx.Variable``) around the
 function of the same name in :mod:`jax_roi`: the constructor takes ``output_size``
@@ -34,7 +34,7 @@ from flax import nnx
 
 from jax_roi import _module_spec as _spec
 
-__all__ = ["MultiScaleRoIAlign", "RoIAlign", "RoIPool", "RoIWarp"]
+__all__ = ["MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIPool", "RoIWarp"]
 
 
 def _make(spec: _spec.OpSpec) -> type:
@@ -72,3 +72,5 @@ RoIAlign = _make(_spec.SPECS["RoIAlign"])
 RoIWarp = _make(_spec.SPECS["RoIWarp"])
 RoIPool = _make(_spec.SPECS["RoIPool"])
 MultiScaleRoIAlign = _make(_spec.SPECS["MultiScaleRoIAlign"])
+PSRoIAlign = _make(_spec.SPECS["PSRoIAlign"])
+PSRoIPool = _make(_spec.SPECS["PSRoIPool"])

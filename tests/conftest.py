@@ -163,9 +163,11 @@ if os.environ.get("JAX_ROI_TEST_EAGER") != "1":
     import jax_roi.xla as _xla_path
 
     import jax_roi.xla.matmul as _matmul_form
+    import jax_roi.xla.position_sensitive as _position_sensitive
 
     for _module, _names in ((_xla_path, ("roi_align", "roi_pool", "multilevel_roi_align")),
-                            (_matmul_form, ("roi_align_matmul", "multilevel_roi_align_matmul"))):
+                            (_matmul_form, ("roi_align_matmul", "multilevel_roi_align_matmul")),
+                            (_position_sensitive, ("ps_roi_align", "ps_roi_pool"))):
         for _name in _names:
             _fn = getattr(_module, _name, None)
             if _fn is not None and not hasattr(_fn, "__wrapped_eager__"):

@@ -575,3 +575,106 @@ def multiscale_roi_align_ref(levels, rois, output_size, spatial_scales, sampling
                                sampling_ratio=sampling_ratio, aligned=aligned,
                                coord_dtype=coord_dtype)[0]
     return out
+
+
+# ----------------------------------------------------------------------------- position-sensitive
+
+
+def _ps_channel(c, ph, pw, oh, ow):
+    """Input channel read by output channel ``c`` of bin ``(ph, pw)``."""
+    return (c * oh + ph) * ow + pw
+
+
+def _ps_groups(features, output_size):
+    f = _as_features(features)
+    oh, ow = _pair(output_size)
+    if f.shape[-1] % (oh * ow):
+        raise ValueError(f"channels {f.shape[-1]} are not a multiple of oh*ow = {oh * ow}")
+    return f, oh, ow, f.shape[-1] // (oh * ow)
+
+
+def ps_roi_align_ref(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                     coord_dtype=np.float64):
+    """Position-sensitive RoIAlign -> [K, oh, ow, C_out] float64: aligned RoIAlign (the
+    geometry of torchvision's ps_roi_align) of each bin on its own input channel."""
+    f, oh, ow, c_out = _ps_groups(features, output_size)
+    full = roi_align_ref(f, rois, (oh, ow), spatial_scale, sampling_ratio, aligned=True,
+                         coord_dtype=coord_dtype)
+    out = np.zeros(full.shape[:3] + (c_out,))
+    for ph in range(oh):
+        for pw in range(ow):
+            out[:, ph, pw, :] = full[:, ph, pw, [_ps_channel(c, ph, pw, oh, ow) for c in range(c_out)]]
+    return out
+
+
+def ps_roi_align_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0, sampling_ratio=-1,
+                         coord_dtype=np.float64):
+    """Returns (d_features [B,H,W,C], d_rois [K,5]) for the cotangent [K,oh,ow,C_out]: the
+    RoIAlign VJP with the cotangent placed on each bin's own channel."""
+    f, oh, ow, c_out = _ps_groups(features, output_size)
+    cot = np.asarray(cotangent, np.float64)
+    full = np.zeros(cot.shape[:3] + (f.shape[-1],))
+    for ph in range(oh):
+        for pw in range(ow):
+            full[:, ph, pw, [_ps_channel(c, ph, pw, oh, ow) for c in range(c_out)]] = cot[:, ph, pw, :]
+    return roi_align_ref_vjp(f, rois, (oh, ow), full, spatial_scale, sampling_ratio, aligned=True,
+                             coord_dtype=coord_dtype)
+
+
+def _ps_pool_bins(roi, H, W, oh, ow, spatial_scale, coord_dtype):
+    """torchvision's ps_roi_pool forward bins: ends rounded half away from zero, the box at
+    least one cell, edges floor/ceil of the bin size from the start, clipped to [0, n-1]."""
+    T = np.dtype(coord_dtype).type
+    s = T(spatial_scale)
+    x1, y1, x2, y2 = (T(v) for v in roi[1:5])
+    sx, sy = round_half_away(x1 * s), round_half_away(y1 * s)
+    ex, ey = round_half_away(x2 * s), round_half_away(y2 * s)
+    bw = T(max(ex - sx, 1)) / T(ow)
+    bh = T(max(ey - sy, 1)) / T(oh)
+
+    def clip(v, n):
+        return min(max(v, 0), n - 1)
+
+    hb = [(clip(math.floor(T(p) * bh) + sy, H), clip(math.ceil(T(p + 1) * bh) + sy, H)) for p in range(oh)]
+    wb = [(clip(math.floor(T(p) * bw) + sx, W), clip(math.ceil(T(p + 1) * bw) + sx, W)) for p in range(ow)]
+    return hb, wb
+
+
+def _ps_pool_core(features, rois, output_size, cotangent, spatial_scale, coord_dtype):
+    f, oh, ow, c_out = _ps_groups(features, output_size)
+    r = _as_rois(rois)
+    B, H, W, _ = f.shape
+    K = r.shape[0]
+    out = np.zeros((K, oh, ow, c_out))
+    if cotangent is not None:
+        cot = np.asarray(cotangent, np.float64)
+        d_f = np.zeros_like(f)
+    for k in range(K):
+        b = _batch_of(r[k], B)
+        if b is None:
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            hb, wb = _ps_pool_bins(r[k], H, W, oh, ow, spatial_scale, coord_dtype)
+        for ph, (h0, h1) in enumerate(hb):
+            for pw, (w0, w1) in enumerate(wb):
+                if h1 <= h0 or w1 <= w0:
+                    continue  # empty bin: 0, no gradient
+                area = (h1 - h0) * (w1 - w0)
+                chans = [_ps_channel(c, ph, pw, oh, ow) for c in range(c_out)]
+                out[k, ph, pw] = f[b, h0:h1, w0:w1][..., chans].sum(axis=(0, 1)) / area
+                if cotangent is not None:
+                    cells = d_f[b, h0:h1, w0:w1]  # a view; channels distinct, so += is exact
+                    cells[..., chans] += cot[k, ph, pw] / area
+    if cotangent is not None:
+        return d_f, np.zeros((K, 5))
+    return out
+
+
+def ps_roi_pool_ref(features, rois, output_size, spatial_scale=1.0, coord_dtype=np.float64):
+    """Position-sensitive RoIPool (the mean of whole cells) -> [K, oh, ow, C_out] float64."""
+    return _ps_pool_core(features, rois, output_size, None, spatial_scale, coord_dtype)
+
+
+def ps_roi_pool_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0, coord_dtype=np.float64):
+    """Returns (d_features [B,H,W,C], zeros [K,5]): the transpose of the forward."""
+    return _ps_pool_core(features, rois, output_size, cotangent, spatial_scale, coord_dtype)

@@ -119,6 +119,16 @@ def sample_maps(maps: Maps, rois, output_size, *, sampling_ratio, aligned, reduc
 
 
 def _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize):
+    rows, w_rows, cols, w_cols, n_rows, n_cols, static = tap_tables(maps, rois, output_size, sampling_ratio,
+                                                                    aligned, quantize)
+    return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols,
+                                w_cols, n_rows, n_cols, static)
+
+
+def tap_tables(maps, rois, output_size, sampling_ratio, aligned, quantize):
+    """The averaged taps of every bin as the gather-sum takes them: map rows and columns
+    with their weights (``[K, oh, T]``, ``[K, ow, S]``), how many leading taps to visit,
+    and whether all of them are visited unrolled (``static``)."""
     taps_y, taps_x = _axes(maps, rois, output_size, sampling_ratio, aligned, quantize, normalize=True)
     static = (2 * taps_y.bound) * (2 * taps_x.bound) <= _MAX_UNROLLED_PAIRS and sampling_ratio > 0
     if static:
@@ -133,8 +143,7 @@ def _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize):
         rows, w_rows, counts_y = sampling.merge_runs(taps_y)
         cols, w_cols, counts_x = sampling.merge_runs(taps_x)
         n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
-    return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols,
-                                w_cols, n_rows, n_cols, static)
+    return rows, w_rows, cols, w_cols, n_rows, n_cols, static
 
 
 def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):

@@ -52,6 +52,14 @@ MultiScaleRoIAlign family ``msra`` (image 128x160 (H, W), B=2, C=3, 4 levels of 
 inverted): ``msraneg_boxes_img0``, ``msraneg_rois``, ``msraneg_out_{nchw,nhwc}`` (2x2,
 sampling_ratio 2).  torchvision's level is NaN, cast to int64 matches no level, so the row
 stays zero; that cast is platform behaviour, kept apart from the main data.
+
+Position-sensitive family ``ps`` (B=2, H=13, W=17, C_out=2, so C = 2*oh*ow input channels;
+the boxes are ``pool_rois``), float32 and float64 (torchvision computes in the input dtype):
+  ``ps_tags``, ``ps_params`` [n,6] float64: op (0 ps_roi_align, 1 ps_roi_pool), float64 (0/1),
+  spatial_scale, sampling_ratio (ps_roi_align; 0 for ps_roi_pool), oh, ow
+  per tag (e.g. ``ps_align_f32_s0p5_srm1_o3x3``): ``T_features_{nchw,nhwc}``, ``T_out_*``,
+  ``T_cot_*``, ``T_dfeat_*`` as above. torchvision's 0/0 (adaptive ps_roi_align on a box
+  empty along one axis) is stored as it comes, NaN.
 """
 
 import os
@@ -60,7 +68,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torchvision
-from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
+from torchvision.ops import MultiScaleRoIAlign, ps_roi_align, ps_roi_pool, roi_align, roi_pool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "torchvision_golden.npz")
@@ -220,6 +228,35 @@ def run_align(d, fam, feats, rois, scales, srs, aligns, sizes, rng):
     d[f"{fam}_params"] = np.array(params, dtype=np.float64)
 
 
+def run_ps(d, rois, rng):
+    tags, params = [], []
+    c_out = 2
+    for dtype in (np.float32, np.float64):
+        r = torch.from_numpy(rois.astype(dtype))
+        for op, name in ((0, "align"), (1, "pool")):
+            for s in (1.0, 0.5):
+                for sr in ((2, -1) if op == 0 else (0,)):
+                    for oh, ow in ((3, 3), (2, 4)):
+                        feats = rng.standard_normal((2, c_out * oh * ow, 13, 17)).astype(dtype)
+                        xg = torch.from_numpy(feats).requires_grad_(True)
+                        if op == 0:
+                            out = ps_roi_align(xg, r, (oh, ow), spatial_scale=s, sampling_ratio=sr)
+                        else:
+                            out = ps_roi_pool(xg, r, (oh, ow), spatial_scale=s)
+                        cot = rng.standard_normal(out.shape).astype(dtype)
+                        (torch.nan_to_num(out, nan=0.0) * torch.from_numpy(cot)).sum().backward()
+                        bits = "f64" if dtype == np.float64 else "f32"
+                        tag = f"ps_{name}_{bits}_s{fmt(s)}_sr{fmt(sr)}_o{oh}x{ow}"
+                        for key, a in (("features", feats), ("out", out.detach().numpy()), ("cot", cot),
+                                       ("dfeat", xg.grad.numpy())):
+                            d[f"{tag}_{key}_nchw"] = a
+                            d[f"{tag}_{key}_nhwc"] = nhwc(a)
+                        tags.append(tag)
+                        params.append((op, float(dtype == np.float64), s, sr, oh, ow))
+    d["ps_tags"] = np.array(tags)
+    d["ps_params"] = np.array(params, dtype=np.float64)
+
+
 def main():
     torch.manual_seed(0)
     rng = np.random.default_rng(20240521)
@@ -356,6 +393,9 @@ def main():
     d["alignlarge_box_kind"] = lkinds
     run_align(d, "alignlarge", lfeats, lrois, scales=(1.0, 0.5), srs=(0, -1), aligns=(True, False),
               sizes=((1, 1), (2, 3), (4, 4)), rng=lrng)
+
+    # ---- ps_roi_align / ps_roi_pool (own generator: the data above is unchanged)
+    run_ps(d, prois, np.random.default_rng(20261202))
 
     np.savez_compressed(OUT, **d)
     print(f"wrote {OUT}: {len(d)} arrays, {os.path.getsize(OUT)} bytes, torchvision {torchvision.__version__}")
