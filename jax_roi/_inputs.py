@@ -40,6 +40,15 @@ def check_choice(arg: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
+def formulation(value: Any, choices: Sequence[str], reduction: str = "avg") -> Any:
+    """``formulation``: ``None`` or one of ``choices``; the max reduction has no matmul form."""
+    check_choice("formulation", value, (None,) + tuple(choices))
+    if reduction == "max" and value == "matmul":
+        _fail(ValueError, "formulation", "'gather' or None with reduction='max' (the max has no matmul form)",
+              "'matmul'")
+    return value
+
+
 def output_size_pair(output_size: Any) -> tuple[int, int]:
     """``int`` or ``(oh, ow)`` -> ``(oh, ow)``, each a Python int >= 1."""
     if isinstance(output_size, (numbers.Integral, np.integer)) and not isinstance(output_size, bool):

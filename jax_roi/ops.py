@@ -59,7 +59,7 @@ def _implementation(implementation: Any, deterministic: Any = False, **options: 
     ``formulation`` for the ops that have one)."""
     options["deterministic"] = _inputs.static_bool("deterministic", deterministic)
     if "formulation" in options:
-        _inputs.check_choice("formulation", options["formulation"], (None,) + _xla.FORMULATIONS)
+        _inputs.formulation(options["formulation"], _xla.FORMULATIONS)
     load, takes = _IMPLEMENTATIONS[_implementation_name(implementation, options.get("formulation"))]
     return load(), {name: options[name] for name in takes if name in options}
 
@@ -133,9 +133,7 @@ def _bilinear(features, boxes, output_size, *, spatial_scale, sampling_ratio, al
     sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
     aligned = _inputs.static_bool("aligned", aligned) and not quantize
     _inputs.check_choice("reduction", reduction, _inputs.REDUCTIONS)
-    if reduction == "max" and formulation == "matmul":
-        raise ValueError("formulation: expected 'gather' or None with reduction='max' (the max has no "
-                         "matmul form), got 'matmul'")
+    _inputs.formulation(formulation, _xla.FORMULATIONS, reduction)
     impl, extra = _implementation(implementation, deterministic, formulation=formulation)
     canon = _inputs.canonicalize(features, boxes, data_format)
     return canon.apply(functools.partial(

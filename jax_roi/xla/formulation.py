@@ -47,10 +47,7 @@ def roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=
     common = dict(output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
                   aligned=aligned, quantize=quantize)
     by_gather = functools.partial(gather_roi_align, reduction=reduction, **common)
-    if reduction != "avg":
-        if formulation == "matmul":
-            raise ValueError(f"formulation: expected 'gather' or None with reduction='max' (the max has no "
-                             f"matmul form), got {formulation!r}")
+    if reduction != "avg":  # the max has no matmul form (the public API refuses one)
         return by_gather(features, rois)
     return _choose(formulation, by_gather, functools.partial(matmul.roi_align_matmul, **common), features, rois)
 

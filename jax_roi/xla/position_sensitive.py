@@ -41,20 +41,27 @@ def _regrouped(features, output_size):
     return jnp.swapaxes(regrouped, -1, -2).reshape(num_images * height * width * groups, channels // groups)
 
 
+def _group_offsets(rows, cols, width, output_size):
+    """The gather-sum's row and column tables on the regrouped map: map row ``y`` of bin row
+    ``ph`` is ``y * W * G + ph * ow``, map column ``x`` of bin column ``pw`` is ``x * G + pw``."""
+    oh, ow = output_size
+    groups = oh * ow
+    ry = rows * (width * groups) + (jnp.arange(oh, dtype=jnp.int32) * ow)[None, :, None]
+    rx = cols * groups + jnp.arange(ow, dtype=jnp.int32)[None, :, None]
+    return ry, rx
+
+
 def ps_roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1):
     """Canonical form: ``features [B, H, W, C_out * oh * ow]``, ``rois [K, 5]``. Returns
     ``[K, oh, ow, C_out]`` in the features' dtype."""
     from jax_roi.xla.roi_align import single_map, tap_tables  # one tap rule with RoIAlign
 
-    num_images, height, width, _ = features.shape
-    oh, ow = output_size
-    groups = oh * ow
+    width = features.shape[2]
     maps = single_map(features, rois, spatial_scale)
     rows, w_rows, cols, w_cols, n_rows, n_cols, static = tap_tables(
         maps, rois, output_size, sampling_ratio, aligned=True, quantize=False)
-    base = maps.base * groups
-    ry = rows * (width * groups) + (jnp.arange(oh, dtype=jnp.int32) * ow)[None, :, None]
-    rx = cols * groups + jnp.arange(ow, dtype=jnp.int32)[None, :, None]
+    base = maps.base * (output_size[0] * output_size[1])
+    ry, rx = _group_offsets(rows, cols, width, output_size)
     out = separable_gather_sum(_regrouped(features, output_size), base, ry, w_rows, rx, w_cols,
                                n_rows, n_cols, static)
     return out.astype(features.dtype)
@@ -100,8 +107,7 @@ def ps_roi_pool(features, rois, output_size, *, spatial_scale=1.0):
     x0, hx = _pool_axis(rois[:, 1], rois[:, 3], bins=ow, size=width, **common)
     rows, w_rows = _cell_taps(y0, hy, height, acc)
     cols, w_cols = _cell_taps(x0, hx, width, acc)
-    ry = rows * (width * groups) + (jnp.arange(oh, dtype=jnp.int32) * ow)[None, :, None]
-    rx = cols * groups + jnp.arange(ow, dtype=jnp.int32)[None, :, None]
+    ry, rx = _group_offsets(rows, cols, width, output_size)
     base = batch * (height * width * groups)
     out = separable_gather_sum(_regrouped(features, output_size), base, ry, w_rows, rx, w_cols,
                                jnp.max(hy, initial=0), jnp.max(hx, initial=0), False)
