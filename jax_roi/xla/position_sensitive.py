@@ -54,16 +54,18 @@ def _group_offsets(rows, cols, width, output_size):
 def ps_roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1):
     """Canonical form: ``features [B, H, W, C_out * oh * ow]``, ``rois [K, 5]``. Returns
     ``[K, oh, ow, C_out]`` in the features' dtype."""
-    from jax_roi.xla.roi_align import single_map, tap_tables  # one tap rule with RoIAlign
+    from jax_roi.xla.roi_align import contract_taps, single_map  # one tap rule with RoIAlign
 
     width = features.shape[2]
     maps = single_map(features, rois, spatial_scale)
-    rows, w_rows, cols, w_cols, n_rows, n_cols, static = tap_tables(
-        maps, rois, output_size, sampling_ratio, aligned=True, quantize=False)
     base = maps.base * (output_size[0] * output_size[1])
-    ry, rx = _group_offsets(rows, cols, width, output_size)
-    out = separable_gather_sum(_regrouped(features, output_size), base, ry, w_rows, rx, w_cols,
-                               n_rows, n_cols, static)
+    regrouped = _regrouped(features, output_size)
+
+    def contract(rows, w_rows, cols, w_cols, n_rows, n_cols, static):
+        ry, rx = _group_offsets(rows, cols, width, output_size)
+        return separable_gather_sum(regrouped, base, ry, w_rows, rx, w_cols, n_rows, n_cols, static)
+
+    out = contract_taps(maps, rois, output_size, sampling_ratio, aligned=True, quantize=False, contract=contract)
     return out.astype(features.dtype)
 
 

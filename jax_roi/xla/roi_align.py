@@ -80,15 +80,29 @@ def pyramid_maps(levels, rois, level_ids, spatial_scales) -> Maps:
                 max(lvl.shape[1] for lvl in levels), max(lvl.shape[2] for lvl in levels))
 
 
-def _axes(maps: Maps, rois, output_size, sampling_ratio, aligned, quantize, normalize):
+def _axes(maps: Maps, rois, output_size, sampling_ratio, aligned, quantize, normalize, window=None):
+    """Both axes' taps. ``window``: ``(samples_y, samples_x)`` visited per bin, by default
+    :func:`sampling.window_size` of the largest map (all that can contribute)."""
     oh, ow = output_size
     common = dict(live=maps.live, spatial_scale=maps.scale, sampling_ratio=sampling_ratio,
                   aligned=aligned, quantize=quantize, normalize=normalize)
-    taps_y = sampling.axis_taps(rois[:, 2], rois[:, 4], bins=oh, size=maps.height,
-                                bound=sampling.window_size(sampling_ratio, maps.bound_h), **common)
-    taps_x = sampling.axis_taps(rois[:, 1], rois[:, 3], bins=ow, size=maps.width,
-                                bound=sampling.window_size(sampling_ratio, maps.bound_w), **common)
+    if window is None:
+        window = _full_window(maps, sampling_ratio)
+    taps_y = sampling.axis_taps(rois[:, 2], rois[:, 4], bins=oh, size=maps.height, bound=window[0], **common)
+    taps_x = sampling.axis_taps(rois[:, 1], rois[:, 3], bins=ow, size=maps.width, bound=window[1], **common)
     return taps_y, taps_x
+
+
+def _full_window(maps: Maps, sampling_ratio):
+    return sampling.window_size(sampling_ratio, maps.bound_h), sampling.window_size(sampling_ratio, maps.bound_w)
+
+
+def _largest_count(maps: Maps, rois, output_size, sampling_ratio, aligned, quantize):
+    """The most samples per bin side over every box and both axes (a scalar)."""
+    common = dict(live=maps.live, spatial_scale=maps.scale, sampling_ratio=sampling_ratio,
+                  aligned=aligned, quantize=quantize)
+    return jnp.maximum(sampling.largest_count(rois[:, 2], rois[:, 4], bins=output_size[0], **common),
+                       sampling.largest_count(rois[:, 1], rois[:, 3], bins=output_size[1], **common))
 
 
 def roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
@@ -119,31 +133,57 @@ def sample_maps(maps: Maps, rois, output_size, *, sampling_ratio, aligned, reduc
 
 
 def _align_avg(maps, rois, output_size, sampling_ratio, aligned, quantize):
-    rows, w_rows, cols, w_cols, n_rows, n_cols, static = tap_tables(maps, rois, output_size, sampling_ratio,
-                                                                    aligned, quantize)
-    return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols,
-                                w_cols, n_rows, n_cols, static)
+    def contract(rows, w_rows, cols, w_cols, n_rows, n_cols, static):
+        return separable_gather_sum(maps.flat, maps.base, rows * maps.width[:, None, None], w_rows, cols, w_cols,
+                                    n_rows, n_cols, static)
+
+    return contract_taps(maps, rois, output_size, sampling_ratio, aligned, quantize, contract)
 
 
-def tap_tables(maps, rois, output_size, sampling_ratio, aligned, quantize):
-    """The averaged taps of every bin as the gather-sum takes them: map rows and columns
-    with their weights (``[K, oh, T]``, ``[K, ow, S]``), how many leading taps to visit,
-    and whether all of them are visited unrolled (``static``)."""
+def contract_taps(maps, rois, output_size, sampling_ratio, aligned, quantize, contract):
+    """``contract(rows, w_rows, cols, w_cols, n_rows, n_cols, static)`` of the averaged
+    taps of every bin as the gather-sum takes them: map rows and columns with their
+    weights (``[K, oh, T]``, ``[K, ow, S]``), how many leading taps to visit, and whether
+    all of them are visited unrolled (``static``)."""
+    if sampling_ratio <= 0:
+        return _contract_adaptive(maps, rois, output_size, aligned, quantize, contract)
     taps_y, taps_x = _axes(maps, rois, output_size, sampling_ratio, aligned, quantize, normalize=True)
-    static = (2 * taps_y.bound) * (2 * taps_x.bound) <= _MAX_UNROLLED_PAIRS and sampling_ratio > 0
+    static = (2 * taps_y.bound) * (2 * taps_x.bound) <= _MAX_UNROLLED_PAIRS
     if static:
         rows, w_rows, _ = sampling.interleave(taps_y)
         cols, w_cols, _ = sampling.interleave(taps_x)
         n_rows = n_cols = jnp.int32(0)  # unused: every tap pair is visited
-    elif sampling_ratio > 0:
+    else:
         rows, w_rows, counts_y = sampling.merge_taps(*sampling.interleave(taps_y))
         cols, w_cols, counts_x = sampling.merge_taps(*sampling.interleave(taps_x))
         n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
-    else:
-        rows, w_rows, counts_y = sampling.merge_runs(taps_y)
-        cols, w_cols, counts_x = sampling.merge_runs(taps_x)
-        n_rows, n_cols = jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0)
-    return rows, w_rows, cols, w_cols, n_rows, n_cols, static
+    return contract(rows, w_rows, cols, w_cols, n_rows, n_cols, static)
+
+
+def _contract_adaptive(maps, rois, output_size, aligned, quantize, contract):
+    """Adaptive sampling, on the smallest window of :func:`sampling.windows` that holds
+    every bin's samples (a ``lax.switch``): the tap tables and the loops cost what the
+    boxes present need, not what the largest possible box would. A window of ``w`` samples
+    merges into at most ``w + 1`` distinct rows, so the smallest windows' tap pairs are
+    unrolled into one pass, as with a fixed sampling ratio."""
+    full = _full_window(maps, 0)
+
+    def branch(window_y, window_x):
+        def run(rois):
+            taps_y, taps_x = _axes(maps, rois, output_size, 0, aligned, quantize, normalize=True,
+                                   window=(window_y, window_x))
+            rows, w_rows, counts_y = sampling.merge_runs(taps_y)
+            cols, w_cols, counts_x = sampling.merge_runs(taps_x)
+            static = rows.shape[-1] * cols.shape[-1] <= _MAX_UNROLLED_PAIRS // 2
+            return contract(rows, w_rows, cols, w_cols, jnp.max(counts_y, initial=0), jnp.max(counts_x, initial=0),
+                            static)
+
+        return run
+
+    choices = sampling.windows(max(full))
+    need = _largest_count(maps, rois, output_size, 0, aligned, quantize)
+    index = jnp.sum(need > jnp.asarray(choices[:-1], need.dtype)).astype(jnp.int32)
+    return lax.switch(index, [branch(min(w, full[0]), min(w, full[1])) for w in choices], rois)
 
 
 def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):

@@ -85,19 +85,13 @@ def window_size(sampling_ratio: int, size: int) -> int:
     return sampling_ratio if sampling_ratio > 0 else 2 * size + 6
 
 
-def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampling_ratio: int,
-              aligned: bool, quantize: bool, normalize: bool) -> AxisTaps:
-    """Sample taps of one axis for ``K`` boxes spanning ``[c1, c2]`` in image pixels.
-
-    ``size`` and ``spatial_scale`` are scalars, or ``[K]`` arrays when the boxes sit on
-    maps of different sizes (the levels of a feature pyramid); ``bound`` is the static
-    number of samples visited per bin (:func:`window_size` of the largest map).
-
-    ``live`` ([K] bool) is False for a box that must give zeros and no gradient (a
-    non-finite coordinate or a batch index outside the batch); its coordinates are
-    replaced by 0 before any arithmetic so that no NaN reaches the gradient.
-    ``normalize`` folds the average's ``1 / g`` into the weights.
-    """
+def _axis_geometry(c1, c2, *, live, spatial_scale, bins: int, sampling_ratio: int, aligned: bool,
+                   quantize: bool):
+    """One axis of every box: ``(live, c1, c2, start, bin_size, count)``, all ``[K]``:
+    liveness (also False for a box whose length overflows), the coordinates (zeroed for a
+    dead box), where the first bin starts, the bin size and the samples per bin
+    (``sampling_ratio``, or adaptive ``ceil(bin_size)``; 0 for a dead box), in the
+    coordinate dtype."""
     dtype = c1.dtype
     scale = jnp.asarray(spatial_scale, dtype)
     # A box whose length overflows (finite ends 6e38 apart in float32) has no finite
@@ -116,7 +110,6 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
         length = jnp.where(length <= 1, jnp.ones_like(length), length)  # clamped at 1 too (zero derivative)
     bin_size = exact_divide(length, bins)
 
-    size = jnp.broadcast_to(jnp.asarray(size, jnp.int32), c1.shape)
     if sampling_ratio > 0:
         count_f = jnp.full(c1.shape, sampling_ratio, dtype)
     else:
@@ -125,6 +118,45 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
         count_f = lax.stop_gradient(jnp.ceil(bin_size))
         count_f = jnp.where(jnp.isfinite(count_f) & (count_f > 0), count_f, 0)
     count_f = jnp.where(live, count_f, 0)
+    return live, c1, c2, start, bin_size, count_f
+
+
+def largest_count(c1, c2, *, live, spatial_scale, bins: int, sampling_ratio: int, aligned: bool,
+                  quantize: bool):
+    """The most samples any bin of these boxes has along this axis (a scalar, coordinate
+    dtype): what the smallest sufficient window of :func:`windows` is chosen by."""
+    count = _axis_geometry(c1, c2, live=live, spatial_scale=spatial_scale, bins=bins,
+                           sampling_ratio=sampling_ratio, aligned=aligned, quantize=quantize)[-1]
+    return jnp.max(count, initial=0)
+
+
+def windows(full: int) -> tuple[int, ...]:
+    """The static sample windows adaptive tap tables are built for, smallest first: 4 and
+    16 where below ``full`` (:func:`window_size`), then ``full``. Every table costs its
+    window, so boxes whose bins all have few samples (a box head's have at most 4) should
+    not pay for the full window, which only the largest boxes need. Each window is one
+    more branch to compile, hence few."""
+    return tuple(w for w in (4, 16) if w < full) + (full,)
+
+
+def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampling_ratio: int,
+              aligned: bool, quantize: bool, normalize: bool) -> AxisTaps:
+    """Sample taps of one axis for ``K`` boxes spanning ``[c1, c2]`` in image pixels.
+
+    ``size`` and ``spatial_scale`` are scalars, or ``[K]`` arrays when the boxes sit on
+    maps of different sizes (the levels of a feature pyramid); ``bound`` is the static
+    number of samples visited per bin (:func:`window_size` of the largest map).
+
+    ``live`` ([K] bool) is False for a box that must give zeros and no gradient (a
+    non-finite coordinate or a batch index outside the batch); its coordinates are
+    replaced by 0 before any arithmetic so that no NaN reaches the gradient.
+    ``normalize`` folds the average's ``1 / g`` into the weights.
+    """
+    dtype = c1.dtype
+    live, c1, c2, start, bin_size, count_f = _axis_geometry(
+        c1, c2, live=live, spatial_scale=spatial_scale, bins=bins, sampling_ratio=sampling_ratio,
+        aligned=aligned, quantize=quantize)
+    size = jnp.broadcast_to(jnp.asarray(size, jnp.int32), c1.shape)
     divisor = jnp.maximum(count_f, 1)
 
     p = jnp.arange(bins, dtype=dtype)[None, :]
