@@ -45,6 +45,23 @@ def test_matches_reference_with_gradients(implementation, binning, scale):
     np.testing.assert_array_equal(np.asarray(d_r), 0)  # quantized: no box gradient
 
 
+def test_channels_beyond_one_search_chunk(implementation):
+    # The pure-JAX search runs over chunks of 32 channels, the last one padded: 70 channels
+    # take three chunks, the last of 6. Ties are seeded too (rounded values), so the first
+    # maximal cell must be found in every chunk.
+    rng = np.random.default_rng(15)
+    feats = np.round(rng.standard_normal((2, 9, 12, 70)), 1)
+    rois = random_rois(rng, 2, 9, 12, 12)
+    cot = rng.standard_normal((rois.shape[0], 3, 3, 70))
+    out, d_f = jax.jit(jax.value_and_grad(
+        lambda f: jnp.sum(jax_roi.roi_pool(f, jnp.asarray(rois), 3, implementation=implementation) * cot)))(
+        jnp.asarray(feats))
+    ref_out = R.roi_pool_ref(feats, rois, (3, 3))
+    ref_f, _ = R.roi_pool_ref_vjp(feats, rois, (3, 3), cot)
+    np.testing.assert_allclose(float(out), np.sum(ref_out * cot), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(d_f), ref_f, atol=1e-12)
+
+
 def test_gradient_goes_to_first_maximum(implementation):
     feats = jnp.ones((1, 4, 4, 1))
     g = jax.grad(lambda f: jnp.sum(jax_roi.roi_pool(f, jnp.array([[0, 0, 0, 3, 3.0]]), 1,
