@@ -131,12 +131,16 @@ def check_features(features: Any, *, arg: str = "features", min_rank: int = 3) -
     return features
 
 
-def check_boxes(boxes: Any, *, arg: str = "boxes") -> Any:
+# Coordinates per box -> what they are: corner boxes, and rotated boxes (angle in degrees).
+BOX_FORMS = {4: "x1, y1, x2, y2", 5: "x_ctr, y_ctr, w, h, angle"}
+
+
+def check_boxes(boxes: Any, *, arg: str = "boxes", coords: int = 4) -> Any:
     boxes = jnp.asarray(boxes)
     if not (jnp.issubdtype(boxes.dtype, jnp.floating) or jnp.issubdtype(boxes.dtype, jnp.integer)):
         _fail(TypeError, arg, "a real-valued array", f"dtype {boxes.dtype}")
-    if boxes.ndim < 2 or boxes.shape[-1] not in (4, 5):
-        _fail(ValueError, arg, "[K, 5] rois (batch_index, x1, y1, x2, y2) or [..., R, 4] boxes",
+    if boxes.ndim < 2 or boxes.shape[-1] not in (coords, coords + 1):
+        _fail(ValueError, arg, f"[K, {coords + 1}] rois (batch_index, {BOX_FORMS[coords]}) or [..., R, {coords}] boxes",
               f"shape {tuple(boxes.shape)}")
     return boxes
 
@@ -157,12 +161,22 @@ class Canonical:
     boxes: Any  # [B, R, 4], coordinate dtype (None in the rois form)
     restore: Callable[[Any], Any]  # [K, oh, ow, C] or [B, R, oh, ow, C] -> the user's layout
 
-    def apply(self, op: Callable[[Any, Any], Any], features: Any = None) -> Any:
+    def apply(self, op: Callable[[Any, Any], Any], features: Any = None, *, fold: bool = False) -> Any:
         """``op(features [B, H, W, C] (or a list of levels), rois [K, 5]) -> [K, ...]`` on
-        this call's inputs, in the user's layout."""
+        this call's inputs, in the user's layout. ``fold``: per-image boxes become one call
+        on rois with their image's index, not a ``vmap`` over images (for an op whose
+        cost is chosen from all its boxes at once, which a ``vmap`` would evaluate for
+        every choice)."""
         features = self.features if features is None else features
         if self.boxes is None:
             return self.restore(op(features, self.rois))
+        if fold:
+            num_images, num_boxes = self.boxes.shape[:2]
+            index = jnp.broadcast_to(jnp.arange(num_images, dtype=self.boxes.dtype)[:, None, None],
+                                     (num_images, num_boxes, 1))
+            rois = jnp.concatenate([index, self.boxes], axis=-1).reshape(num_images * num_boxes, -1)
+            out = op(features, rois)
+            return self.restore(out.reshape((num_images, num_boxes) + out.shape[1:]))
 
         def one_image(image, boxes):
             image = jax.tree_util.tree_map(lambda x: x[None], image)
@@ -172,24 +186,25 @@ class Canonical:
         return self.restore(jax.vmap(one_image)(features, self.boxes))
 
 
-def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
+def canonicalize(features: Any, boxes: Any, data_format: str, coords: int = 4) -> Canonical:
     """Brings features to NHWC ``[B, H, W, C]`` and boxes to rois ``[K, 5]``.
 
     Box forms (docs/semantics.md, "Inputs"): ``rois [K, 5]`` with ``features [B, H, W, C]``, or
     per-image ``boxes [..., R, 4]`` with ``features [..., H, W, C]`` (same leading axes).
+    ``coords=5``: rotated boxes, ``rois [K, 6]`` or ``boxes [..., R, 5]``.
     """
     check_choice("data_format", data_format, DATA_FORMATS)
     features = check_features(features)
-    boxes = check_boxes(boxes)
+    boxes = check_boxes(boxes, coords=coords)
     nchw = data_format == "NCHW"
     if nchw:
         features = jnp.moveaxis(features, -3, -1)
     cdtype = coordinate_dtype(features.dtype)
-    if boxes.shape[-1] == 5:
+    if boxes.shape[-1] == coords + 1:
         if boxes.ndim != 2:
-            _fail(ValueError, "boxes", "rank 2 for [K, 5] rois", f"shape {tuple(boxes.shape)}")
+            _fail(ValueError, "boxes", f"rank 2 for [K, {coords + 1}] rois", f"shape {tuple(boxes.shape)}")
         if features.ndim != 4:
-            _fail(ValueError, "features", f"rank 4 ([B, H, W, C] in {data_format} order) with [K, 5] rois",
+            _fail(ValueError, "features", f"rank 4 ([B, H, W, C] in {data_format} order) with [K, {coords + 1}] rois",
                   f"shape {tuple(features.shape)}")
         rois = boxes.astype(cdtype)
 
@@ -201,12 +216,12 @@ def canonicalize(features: Any, boxes: Any, data_format: str) -> Canonical:
     lead = features.shape[:-3]
     if tuple(boxes.shape[:-2]) != tuple(lead):
         _fail(ValueError, "boxes",
-              f"leading axes {tuple(lead)} matching features (shape [..., R, 4] = {tuple(lead)} + (R, 4))",
+              f"leading axes {tuple(lead)} matching features (shape [..., R, {coords}] = {tuple(lead)} + (R, {coords}))",
               f"shape {tuple(boxes.shape)}")
     num_images = math.prod(lead)
     num_boxes = boxes.shape[-2]
     flat_features = features.reshape((num_images,) + features.shape[-3:])
-    flat_boxes = boxes.reshape((num_images, num_boxes, 4)).astype(cdtype)
+    flat_boxes = boxes.reshape((num_images, num_boxes, coords)).astype(cdtype)
 
     def restore(out):  # [B, R, oh, ow, C]
         out = out.reshape(tuple(lead) + out.shape[1:])

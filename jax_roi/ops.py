@@ -264,3 +264,50 @@ def ps_roi_pool(features, boxes, output_size, *, spatial_scale=1.0, data_format=
     canon = _inputs.canonicalize(features, boxes, data_format)
     _inputs.position_sensitive_channels(canon.features, size, "NHWC")
     return canon.apply(functools.partial(impl.ps_roi_pool, output_size=size, spatial_scale=spatial_scale))
+
+
+def roi_align_rotated(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+                      data_format="NHWC", implementation=None):
+    r"""Rotated RoIAlign (oriented boxes), detectron2's ``ROIAlignRotated``.
+
+    A box ``(x_ctr, y_ctr, w, h, angle)`` in image pixels, ``angle`` in degrees
+    (counter-clockwise as drawn, the y axis pointing down), is an ``oh x ow`` grid of bins
+    in its own frame, rotated by ``angle`` about its centre. With ``off = 0.5 if aligned
+    else 0``, the centre in feature pixels is ``(x_ctr*s - off, y_ctr*s - off)`` and the
+    size ``(w*s, h*s)`` (legacy: each at least 1). Sample ``(iy, ix)`` of bin ``(ph, pw)`` is
+    the box-frame point
+
+    .. math:: yy = -\tfrac{h}{2} + (p_h + \tfrac{i_y + 1/2}{g_h})\,b_h,\quad
+              xx = -\tfrac{w}{2} + (p_w + \tfrac{i_x + 1/2}{g_w})\,b_w
+
+    read bilinearly at ``y = yy cos t - xx sin t + c_y``, ``x = yy sin t + xx cos t + c_x``
+    (zero outside ``[-1, H] x [-1, W]``) and averaged, with ``g = sampling_ratio`` or
+    ``ceil(b)`` per side when ``sampling_ratio <= 0``. At ``angle = 0`` this is
+    :func:`roi_align` of the box ``(x_ctr - w/2, y_ctr - h/2, x_ctr + w/2, y_ctr + h/2)``.
+
+    Args:
+      features: as :func:`roi_align`.
+      boxes: ``[K, 6]`` rois ``(batch_index, x_ctr, y_ctr, w, h, angle)``, or ``[..., R, 5]``
+        boxes whose leading axes match the features'. A batch index outside ``[0, B)`` or a
+        non-finite number gives zeros and no gradient.
+      output_size, spatial_scale, sampling_ratio, aligned, data_format: as :func:`roi_align`.
+      implementation: ``None`` or ``"xla"``: the pure-JAX path (no kernels yet).
+
+    Returns:
+      ``[K, oh, ow, C]`` for rois, ``[..., R, oh, ow, C]`` for per-image boxes (channels
+      before ``oh, ow`` for NCHW), in the features' dtype. Differentiable in the features and
+      in all five box numbers.
+    """
+    size = _inputs.output_size_pair(output_size)
+    spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
+    sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
+    aligned = _inputs.static_bool("aligned", aligned)
+    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
+    if implementation == "ffi":
+        raise ValueError("implementation: expected None or 'xla' for roi_align_rotated (it has no kernels), "
+                         "got 'ffi'")
+    from jax_roi.xla import rotated
+
+    canon = _inputs.canonicalize(features, boxes, data_format, coords=5)
+    return canon.apply(functools.partial(rotated.roi_align_rotated, output_size=size, spatial_scale=spatial_scale,
+                                         sampling_ratio=sampling_ratio, aligned=aligned), fold=True)

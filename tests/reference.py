@@ -678,3 +678,66 @@ def ps_roi_pool_ref(features, rois, output_size, spatial_scale=1.0, coord_dtype=
 def ps_roi_pool_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0, coord_dtype=np.float64):
     """Returns (d_features [B,H,W,C], zeros [K,5]): the transpose of the forward."""
     return _ps_pool_core(features, rois, output_size, cotangent, spatial_scale, coord_dtype)
+
+
+# --- Rotated RoIAlign (detectron2's ROIAlignRotated) -------------------------------------
+
+def _rotated_samples(roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned):
+    """detectron2's ROIAlignRotated geometry, in float64: yields ``(ph, pw, y, x, weight)``
+    per sample, with ``weight = 1 / count`` (the average)."""
+    offset = 0.5 if aligned else 0.0
+    cx = roi[1] * spatial_scale - offset
+    cy = roi[2] * spatial_scale - offset
+    w, h = roi[3] * spatial_scale, roi[4] * spatial_scale
+    theta = roi[5] * math.pi / 180.0
+    if not aligned:
+        w, h = max(w, 1.0), max(h, 1.0)
+    bin_h, bin_w = h / oh, w / ow
+    gh = sampling_ratio if sampling_ratio > 0 else int(math.ceil(h / oh))
+    gw = sampling_ratio if sampling_ratio > 0 else int(math.ceil(w / ow))
+    count = max(gh * gw, 1)
+    cos, sin = math.cos(theta), math.sin(theta)
+    start_h, start_w = -h / 2.0, -w / 2.0
+    for ph in range(oh):
+        for pw in range(ow):
+            for iy in range(max(gh, 0)):
+                yy = start_h + ph * bin_h + (iy + 0.5) * bin_h / gh
+                for ix in range(max(gw, 0)):
+                    xx = start_w + pw * bin_w + (ix + 0.5) * bin_w / gw
+                    # Counter-clockwise rotation of (yy, xx) by theta, then the centre.
+                    yield ph, pw, yy * cos - xx * sin + cy, yy * sin + xx * cos + cx, 1.0 / count
+
+
+def _rotated_core(features, rois, output_size, cotangent, spatial_scale, sampling_ratio, aligned):
+    f = _as_features(features)
+    r = np.asarray(rois, dtype=np.float64)
+    if r.ndim != 2 or r.shape[1] != 6:
+        raise ValueError(f"rois must be [K,6], got shape {r.shape}")
+    oh, ow = _pair(output_size)
+    B, H, W, C = f.shape
+    out = np.zeros((r.shape[0], oh, ow, C))
+    grad = np.zeros_like(f)
+    for k, roi in enumerate(r):
+        b = _batch_of(roi, B)
+        if b is None:
+            continue
+        for ph, pw, y, x, weight in _rotated_samples(roi, H, W, oh, ow, spatial_scale, sampling_ratio, aligned):
+            value, taps, _, _ = _sample(f[b], H, W, y, x)
+            out[k, ph, pw] += weight * value
+            if cotangent is not None:
+                for yi, xi, tw in taps:
+                    grad[b, yi, xi] += weight * tw * cotangent[k, ph, pw]
+    return out, grad
+
+
+def roi_align_rotated_ref(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True):
+    """Rotated RoIAlign -> [K, oh, ow, C] float64; rois ``[K, 6]`` ``(batch, x_ctr, y_ctr, w,
+    h, angle_degrees)``. Sample by sample, as detectron2's CPU kernel."""
+    return _rotated_core(features, rois, output_size, None, spatial_scale, sampling_ratio, aligned)[0]
+
+
+def roi_align_rotated_ref_vjp(features, rois, output_size, cotangent, spatial_scale=1.0, sampling_ratio=-1,
+                              aligned=True):
+    """The feature gradient of :func:`roi_align_rotated_ref` for ``cotangent [K, oh, ow, C]``."""
+    return _rotated_core(features, rois, output_size, np.asarray(cotangent, np.float64), spatial_scale,
+                         sampling_ratio, aligned)[1]
