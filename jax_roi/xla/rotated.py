@@ -46,7 +46,7 @@ def _full_window(height: int, width: int) -> int:
 
 
 def _windows(full: int) -> tuple[int, ...]:
-    return tuple(w for w in (2, 4, 16) if w < full) + (full,)
+    return tuple(w for w in (4, 16) if w < full) + (full,)
 
 
 def _geometry(rois, live, *, spatial_scale, output_size, sampling_ratio, aligned):
