@@ -2,7 +2,9 @@
 // jax_roi/ffi/_loader.py registers with jax.ffi.register_ffi_target.
 //
 // Target names (the same on every platform; the platform is given at registration):
-//   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd
+//   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd,
+//   jax_roi_ps_roi_align_fwd, jax_roi_ps_roi_align_bwd, jax_roi_ps_roi_pool_fwd,
+//   jax_roi_ps_roi_pool_bwd
 #include <pybind11/pybind11.h>
 
 #include "common/roi_limits.h"
@@ -48,6 +50,10 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCpu);
     d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCpu);
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCpu);
+    d["jax_roi_ps_roi_align_fwd"] = Capsule(JaxRoiPsAlignForwardCpu);
+    d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCpu);
+    d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCpu);
+    d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCpu);
     return d;
   });
   // Which variant of the CPU channel loops runs: "avx2+fma" or "baseline" (SSE2 / NEON;
