@@ -193,10 +193,15 @@ def test_kernels_torchvision_golden(golden_data):
         np.testing.assert_allclose(d_f, want, atol=tol, rtol=tol, err_msg=tag)
 
 
+SLOW = pytest.mark.slow  # the quick subset (-m "not slow") keeps one case of each op
+
+
 @needs_kernels
 @pytest.mark.parametrize("op, size, sr, c_out", [
-    ("align", (3, 2), 2, 2), ("align", (2, 2), -1, 5), ("align", (1, 3), 0, 1), ("align", (2, 3), 3, 3),
-    ("pool", (3, 2), None, 2), ("pool", (2, 2), None, 5), ("pool", (1, 3), None, 1),
+    ("align", (3, 2), 2, 2), pytest.param("align", (2, 2), -1, 5, marks=SLOW),
+    pytest.param("align", (1, 3), 0, 1, marks=SLOW), pytest.param("align", (2, 3), 3, 3, marks=SLOW),
+    ("pool", (3, 2), None, 2), pytest.param("pool", (2, 2), None, 5, marks=SLOW),
+    pytest.param("pool", (1, 3), None, 1, marks=SLOW),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_kernels_match_pure_jax_and_oracle(op, size, sr, c_out):
     """float64, random boxes and every edge box (empty, inverted, sub-pixel, padding, past
@@ -238,10 +243,15 @@ def test_kernels_match_pure_jax_and_oracle(op, size, sr, c_out):
     np.testing.assert_array_equal(np.asarray(d_r)[:, 0], 0)
 
 
+def _dtype_cases():
+    dtypes = [(np.float32, "f32"), (jnp.bfloat16, "bf16"), (np.float16, "f16"), (np.float64, "f64")]
+    quick = {("align", "f32"), ("pool", "bf16")}
+    return [pytest.param(op, d, id=f"{op}-{name}", marks=() if (op, name) in quick else SLOW)
+            for op in ("align", "pool") for d, name in dtypes]
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16, np.float64],
-                         ids=["f32", "bf16", "f16", "f64"])
-@pytest.mark.parametrize("op", ["align", "pool"])
+@pytest.mark.parametrize("op, dtype", _dtype_cases())
 def test_kernels_dtypes(op, dtype):
     """Every feature dtype (16-bit floats accumulated in float32) against the pure-JAX path:
     outputs, feature gradients in the features' dtype, box gradients in the rois' dtype."""
@@ -282,8 +292,11 @@ EDGE_BOXES = np.array([
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("op, sr", [("align", 0), ("align", 2), ("pool", None)])
+@pytest.mark.parametrize("op, sr, dtype", [
+    ("align", 2, np.float32), pytest.param("align", 0, np.float32, marks=SLOW),
+    pytest.param("align", 0, np.float64, marks=SLOW), pytest.param("align", 2, np.float64, marks=SLOW),
+    ("pool", None, np.float32), pytest.param("pool", None, np.float64, marks=SLOW),
+], ids=lambda v: getattr(v, "__name__", str(v)))
 def test_kernels_absurd_boxes_bounded_time_finite(op, sr, dtype):
     """1e30, 3e38, NaN and inf boxes at scales 1 and 0.5: the kernels agree with the pure-JAX
     path, the outputs and gradients are finite (zero rows for the non-finite boxes), and a
@@ -340,7 +353,7 @@ def test_kernels_empty_inputs():
 
 
 @needs_kernels
-@pytest.mark.parametrize("op", ["align", "pool"])
+@pytest.mark.parametrize("op", ["align", pytest.param("pool", marks=SLOW)])
 def test_kernels_transforms(op):
     """jit, vmap (over the rois of a shared map: per-element gradient copies; over the maps:
     groups folded into one call), per-image boxes, jacrev and jvp agree with the pure-JAX

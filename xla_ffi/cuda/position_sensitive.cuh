@@ -120,7 +120,7 @@ struct PsForwardKernel {
               for (int q = 0; q < 2; ++q) {
                 const A w = wy[u] * wx[q];
                 if (w == A(0)) continue;  // a zero fraction, or the pool's unused second tap (CPU alike)
-                acc += w * to_acc(load_readonly(ch + (static_cast<int64_t>(rows[u]) * W + cols[q]) * C));
+                acc += w * to_acc(ch[(static_cast<int64_t>(rows[u]) * W + cols[q]) * C]);
               }
             }
           }
