@@ -17,7 +17,8 @@ print("emulated CUDA kernels registered for platform cpu")'
 # code path, tests/test_cuda_emulation.py, run in the sanitizer step, under ASan + UBSan.)
 # The kernel-path tests again, now running the CUDA kernels: torchvision golden data and
 # the float64 oracle (roi_align, roi_warp, roi_pool, multi-level), edge boxes, feature and
-# box gradients, vmap, registration, threads, the oracle property tests' fast profile.
+# box gradients, vmap, registration, threads, the oracle property tests' fast profile; the
+# position-sensitive ops (ps_roi_align, ps_roi_pool).
 # (The slowest pure-JAX comparisons stay in the main run: the emulation is run here for
 # what the kernels compute, within a few minutes.)
 # The quick subset (-m "not slow") of each: every test function once per path.
@@ -27,3 +28,6 @@ pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_ffi_transforms.py \
   -k "not nested and not checkpoint and not lowers and (both or rois or box_gradient or registering or broadcast)"
 pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_ffi.py \
   -k "dtypes or empty or absurd or worked_example or ties or golden or reject or nchw or multilevel_matches"
+# The position-sensitive ops' kernel-path tests: golden data, the oracle on edge boxes,
+# dtypes, absurd boxes, transforms, the raw targets' checks.
+pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_position_sensitive.py -k "kernels or raw_targets"

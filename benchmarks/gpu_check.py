@@ -12,15 +12,16 @@ the later ones, except a failed build):
   3 parity       in one process: the CUDA kernels against the CPU kernels (same process,
                  jax's CPU device) and the pure-JAX path on the GPU, forward and both
                  gradients: every op, both reductions, aligned / legacy / warp, both pool
-                 binnings, multi-level, every dtype, vector and scalar channel counts, edge
-                 boxes, K = 0, vmap
+                 binnings, multi-level, the position-sensitive ops, every dtype, vector and
+                 scalar channel counts, edge boxes, K = 0, vmap
   4 determinism  deterministic=True gradients bitwise equal over two runs and a fresh compile
   5 cmdbuf       one case under XLA command buffers (CUDA graphs) with custom calls captured
   6 sanitizer    compute-sanitizer memcheck and racecheck on one tiny case, limited to the
                  project's kernels
-  7 timing       box-head, mask-head and gpu-large against torchvision CUDA and the pure-JAX
-                 path on the GPU: forward, forward+backward (atomic and deterministic), median
-                 after warm-up, compile time apart, achieved bandwidth against a device copy
+  7 timing       box-head, mask-head and gpu-large (roi_align) and an R-FCN head (ps_roi_align,
+                 ps_roi_pool) against torchvision CUDA and the pure-JAX path on the GPU:
+                 forward, forward+backward (atomic and deterministic), median after warm-up,
+                 compile time apart, achieved bandwidth against a device copy
 
 --cpu-dry-run runs the same script on a machine without a GPU: the emulated CUDA kernels
 (JAX_ROI_EMULATE_CUDA=1: the CUDA kernel code compiled for the host) stand in for the GPU in
@@ -366,14 +367,19 @@ def _cases(small):
            "warp-avg-sr2": ("roi_warp", dict(sampling_ratio=2)),
            "warp-max-adaptive": ("roi_warp", dict(sampling_ratio=-1, reduction="max")),
            "pool-caffe": ("roi_pool", dict(binning="caffe")),
-           "pool-floor": ("roi_pool", dict(binning="floor"))}
+           "pool-floor": ("roi_pool", dict(binning="floor")),
+           # position-sensitive: `channels` is C_out (the maps have C_out * oh * ow)
+           "ps-align-sr2": ("ps_roi_align", dict(sampling_ratio=2)),
+           "ps-align-adaptive": ("ps_roi_align", dict(sampling_ratio=-1)),
+           "ps-pool": ("ps_roi_pool", {})}
     if small:
         plan = [("float32", list(ops), ["vec"]), ("float32", ["align-avg-legacy-sr2", "pool-caffe"], ["scalar"]),
-                ("float64", ["align-avg-aligned-adaptive"], ["vec"]),
+                ("float64", ["align-avg-aligned-adaptive", "ps-align-adaptive"], ["vec"]),
                 ("bfloat16", ["align-avg-legacy-sr2"], ["vec", "scalar"]),
                 ("float16", ["align-max-aligned-sr2"], ["vec"])]
     else:
-        some = ["align-avg-aligned-adaptive", "align-max-legacy-adaptive", "warp-avg-sr2", "pool-caffe"]
+        some = ["align-avg-aligned-adaptive", "align-max-legacy-adaptive", "warp-avg-sr2", "pool-caffe",
+                "ps-align-sr2", "ps-pool"]
         plan = [("float32", list(ops), ["vec", "scalar"]), ("float64", list(ops), ["vec"]),
                 ("float64", ["align-avg-legacy-sr2"], ["scalar"]),
                 ("bfloat16", some, ["vec"]), ("bfloat16", ["align-avg-legacy-sr2"], ["scalar"]),
@@ -399,6 +405,7 @@ def _cases(small):
           levels=[(2 * hw[0], 2 * hw[1]), hw, half], channels=16, boxes=2 * nb)
     extra("vmap-boxes/roi_align/float32", "roi_align", {}, vmap="boxes")
     extra("vmap-features/roi_pool/float32", "roi_pool", {}, vmap="features")
+    extra("vmap-boxes/ps_roi_align/float32", "ps_roi_align", dict(sampling_ratio=2), vmap="boxes", channels=3)
     if not small:
         extra("pool/float32/C1", "roi_pool", {}, channels=1)
         extra("pool/float32/HW1", "roi_pool", {}, levels=[(1, 1)])
@@ -407,6 +414,8 @@ def _cases(small):
               levels=[(2 * hw[0], 2 * hw[1]), hw, half], dtype="bfloat16", channels=16, boxes=2 * nb)
         extra("vmap-features/roi_align/float32", "roi_align", dict(reduction="max"), vmap="features")
         extra("vmap-boxes/roi_pool/float32", "roi_pool", {}, vmap="boxes")
+        extra("ps-align/float32/HW1", "ps_roi_align", dict(sampling_ratio=-1), levels=[(1, 1)], channels=3)
+        extra("vmap-features/ps_roi_pool/float32", "ps_roi_pool", {}, vmap="features", channels=3)
     return cases
 
 
@@ -422,15 +431,17 @@ def _make_case(case, seed):
     dtype = jnp.dtype(case["dtype"])
     coord = np.float64 if case["dtype"] == "float64" else np.float32
     b, c = 2, case["channels"]
+    oh, ow = case["output"]
     multilevel = case["op"] == "multiscale_roi_align"
+    # The position-sensitive ops' maps have a channel group of C_out = c per bin.
+    map_channels = c * oh * ow if case["op"].startswith("ps_") else c
     scales = [0.5 / 2 ** l for l in range(len(case["levels"]))] if multilevel else [0.5]
     img_h, img_w = case["levels"][0][0] / scales[0], case["levels"][0][1] / scales[0]
-    feats = [rng.standard_normal((b, h, w, c)).astype(np.float32) for h, w in case["levels"]]
+    feats = [rng.standard_normal((b, h, w, map_channels)).astype(np.float32) for h, w in case["levels"]]
     rois = _boxes(rng, b, img_h, img_w, case["boxes"], edge=case["boxes"] > 0).astype(coord)
     if case["boxes"] == 0:
         rois = np.zeros((0, 5), coord)
-    box_grad = case["op"] in ("roi_align", "multiscale_roi_align")
-    oh, ow = case["output"]
+    box_grad = case["op"] in ("roi_align", "multiscale_roi_align", "ps_roi_align")
     vmap = case.get("vmap")
     n = 2 if vmap else None
     if vmap == "boxes":
@@ -573,9 +584,15 @@ def stage_determinism(result, dry_run):
              dict(name="pool-caffe", op="roi_pool", kw={}, levels=[hw], dtype="float32", channels=c, boxes=nb,
                   output=(7, 7)),
              dict(name="multilevel-bf16", op="multiscale_roi_align", kw=dict(sampling_ratio=2),
-                  levels=[(2 * hw[0], 2 * hw[1]), hw], dtype="bfloat16", channels=c, boxes=nb, output=(7, 7))]
+                  levels=[(2 * hw[0], 2 * hw[1]), hw], dtype="bfloat16", channels=c, boxes=nb, output=(7, 7)),
+             # position-sensitive: C_out = c / 8 channels per bin, c * 49 / 8 in the maps
+             dict(name="ps-align-sr2", op="ps_roi_align", kw=dict(sampling_ratio=2), levels=[hw], dtype="float32",
+                  channels=c // 8, boxes=nb, output=(7, 7)),
+             dict(name="ps-pool", op="ps_roi_pool", kw={}, levels=[hw], dtype="float32", channels=c // 8,
+                  boxes=nb, output=(7, 7))]
     if dry_run:
-        cases = cases[::2] + cases[-1:]  # the emulation is slow: one align, the pool, the multi-level
+        # the emulation is slow: one align, the pool, the multi-level, one position-sensitive op
+        cases = [cases[0], cases[2], cases[3], cases[4]]
     rows = []
     for i, case in enumerate(cases):
         build, args = _make_case(case, seed=100 + i)
@@ -624,7 +641,8 @@ def stage_tiny(result, dry_run):
     import jax
 
     for i, (op, kw) in enumerate((("roi_align", dict(sampling_ratio=2)), ("roi_align", dict(reduction="max")),
-                                  ("roi_warp", dict(sampling_ratio=2)), ("roi_pool", {}))):
+                                  ("roi_warp", dict(sampling_ratio=2)), ("roi_pool", {}),
+                                  ("ps_roi_align", dict(sampling_ratio=2)), ("ps_roi_pool", {}))):
         for dtype, c in (("float32", 8), ("float32", 3), ("bfloat16", 8)):
             case = dict(name=op, op=op, kw=kw, levels=[(5, 7)], dtype=dtype, channels=c, boxes=3, output=(2, 2))
             build, args = _make_case(case, seed=i)
@@ -654,6 +672,93 @@ def _median_ms(fn, repeats=20, warmup=3):
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def _time_paths(row, op, x, r, g):
+    """Adds to `row` the compile time and median of the forward and the forward+backward of
+    op(x, r, impl, deterministic) on the kernels (atomic and deterministic backward) and the
+    pure-JAX path: keys {path}_{fwd|fwd_bwd}_{ms|compile_s}."""
+    import jax
+    import jax.numpy as jnp
+
+    for impl, det in (("ffi", False), ("ffi", True), ("xla", False)):
+        tag = impl + ("-deterministic" if det else "")
+
+        def fwd(x, r, impl=impl):
+            return op(x, r, impl, False)
+
+        def fwd_bwd(x, r, g, impl=impl, det=det):
+            return jax.grad(lambda x: jnp.sum(op(x, r, impl, det) * g))(x)
+
+        for kind, fn, args in (("fwd", jax.jit(fwd), (x, r)), ("fwd_bwd", jax.jit(fwd_bwd), (x, r, g))):
+            if kind == "fwd" and det:
+                continue  # the forward has no deterministic variant
+            t0 = time.perf_counter()
+            compiled = fn.lower(*args).compile()
+            row[f"{tag}_{kind}_compile_s"] = round(time.perf_counter() - t0, 2)
+            row[f"{tag}_{kind}_ms"] = round(_median_ms(lambda: jax.block_until_ready(compiled(*args))), 3)
+
+
+# The R-FCN head of the position-sensitive ops: (images, H, W, C_out, boxes per image,
+# output, sampling ratio, scale); the maps have C_out * output^2 channels (21 classes, 7 x 7).
+PS_WORKLOAD = (2, 50, 68, 21, 300, 7, 2, 1 / 16)
+
+
+def _time_position_sensitive(dev, has_tv):
+    """One row per position-sensitive op on PS_WORKLOAD (and torchvision's, when there)."""
+    import jax
+    import numpy as np
+
+    import jax_roi
+
+    b, h, w, c_out, per, out, sr, scale = PS_WORKLOAD
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((b, h, w, c_out * out * out)).astype(np.float32)
+    img_h, img_w = h / scale, w / scale
+    rois = []
+    for i in range(b):
+        x1, y1 = rng.uniform(0, 0.8 * img_w, per), rng.uniform(0, 0.8 * img_h, per)
+        bw, bh = rng.uniform(8, 8 + 0.4 * img_w, per), rng.uniform(8, 8 + 0.4 * img_h, per)
+        rois.append(np.stack([np.full(per, i), x1, y1, x1 + bw, y1 + bh], axis=1))
+    rois = np.concatenate(rois).astype(np.float32)
+    cot = rng.standard_normal((rois.shape[0], out, out, c_out)).astype(np.float32)
+    x, r, g = jax.device_put((feats, rois, cot), dev)
+    ops = {"ps_roi_align": lambda x, r, impl, det: jax_roi.ps_roi_align(
+               x, r, out, spatial_scale=scale, sampling_ratio=sr, implementation=impl, deterministic=det),
+           "ps_roi_pool": lambda x, r, impl, det: jax_roi.ps_roi_pool(
+               x, r, out, spatial_scale=scale, implementation=impl, deterministic=det)}
+    rows = []
+    for name, op in ops.items():
+        row = {"workload": f"rfcn-head/{name}", "K": rois.shape[0]}
+        _time_paths(row, op, x, r, g)
+        if has_tv:
+            import torch
+            import torchvision
+
+            tx = torch.from_numpy(np.ascontiguousarray(feats.transpose(0, 3, 1, 2))).cuda().requires_grad_(True)
+            tr = torch.from_numpy(rois).cuda()
+            tg = torch.from_numpy(np.ascontiguousarray(cot.transpose(0, 3, 1, 2))).cuda()
+            kw = dict(spatial_scale=scale, sampling_ratio=sr) if name == "ps_roi_align" else dict(spatial_scale=scale)
+            tv_op = getattr(torchvision.ops, name)
+
+            def tv_fwd():
+                with torch.no_grad():
+                    tv_op(tx, tr, out, **kw)
+                torch.cuda.synchronize()
+
+            def tv_fwd_bwd():
+                (grad,) = torch.autograd.grad(tv_op(tx, tr, out, **kw), tx, tg)
+                torch.cuda.synchronize()
+                return grad
+
+            row["torchvision_fwd_ms"] = round(_median_ms(tv_fwd), 3)
+            row["torchvision_fwd_bwd_ms"] = round(_median_ms(tv_fwd_bwd), 3)
+            row["ffi_fwd_vs_torchvision"] = round(row["ffi_fwd_ms"] / row["torchvision_fwd_ms"], 3)
+            del tx, tr, tg
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def stage_timing(result, dry_run):
@@ -696,27 +801,12 @@ def stage_timing(result, dry_run):
         x, r, g = jax.device_put((feats, rois, cot), dev)
         moved = feats.nbytes + k * out * out * c * 4  # features read once + output written once
         row = {"workload": name, "K": k, "bytes_moved": moved}
-        paths = [("ffi", False), ("ffi", True), ("xla", False)]
-        for impl, det in paths:
-            tag = impl + ("-deterministic" if det else "")
 
-            def fwd(x, r, impl=impl):
-                return jax_roi.roi_align(x, r, out, spatial_scale=scale, sampling_ratio=sr, aligned=True,
-                                         implementation=impl)
+        def roi_align(x, r, impl, det):
+            return jax_roi.roi_align(x, r, out, spatial_scale=scale, sampling_ratio=sr, aligned=True,
+                                     implementation=impl, deterministic=det)
 
-            def fwd_bwd(x, r, g, impl=impl, det=det):
-                def loss(x):
-                    return jnp.sum(jax_roi.roi_align(x, r, out, spatial_scale=scale, sampling_ratio=sr, aligned=True,
-                                                     implementation=impl, deterministic=det) * g)
-                return jax.grad(loss)(x)
-
-            for kind, fn, args in (("fwd", jax.jit(fwd), (x, r)), ("fwd_bwd", jax.jit(fwd_bwd), (x, r, g))):
-                if kind == "fwd" and det:
-                    continue  # the forward has no deterministic variant
-                t0 = time.perf_counter()
-                compiled = fn.lower(*args).compile()
-                row[f"{tag}_{kind}_compile_s"] = round(time.perf_counter() - t0, 2)
-                row[f"{tag}_{kind}_ms"] = round(_median_ms(lambda: jax.block_until_ready(compiled(*args))), 3)
+        _time_paths(row, roi_align, x, r, g)
         row["ffi_fwd_gbps"] = round(moved / (row["ffi_fwd_ms"] * 1e-3) / 1e9, 1)
         row["ffi_fwd_fraction_of_copy"] = round(row["ffi_fwd_gbps"] / copy_gbps, 3)
         if has_tv:
@@ -747,10 +837,12 @@ def stage_timing(result, dry_run):
         print(json.dumps(row), flush=True)
         rows.append(row)
     result["workloads"] = rows
-    result["summary"] = "; ".join(
-        f"{r['workload']}: ffi fwd {r['ffi_fwd_ms']} ms ({r['ffi_fwd_fraction_of_copy']:.0%} of copy bw)"
-        + (f", tv {r['torchvision_fwd_ms']} ms" if "torchvision_fwd_ms" in r else "") for r in rows)
-
+    result["position_sensitive"] = _time_position_sensitive(dev, has_tv)
+    parts = [f"{r['workload']}: ffi fwd {r['ffi_fwd_ms']} ms" +
+             (f" ({r['ffi_fwd_fraction_of_copy']:.0%} of copy bw)" if "ffi_fwd_fraction_of_copy" in r else "") +
+             (f", tv {r['torchvision_fwd_ms']} ms" if "torchvision_fwd_ms" in r else "")
+             for r in rows + result["position_sensitive"]]
+    result["summary"] = "; ".join(parts)
 
 if __name__ == "__main__":
     sys.exit(main())

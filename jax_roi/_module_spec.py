@@ -77,8 +77,6 @@ _RFCN = """
     scores = Conv(num_classes * 7 * 7, (1, 1))(features)   # position-sensitive score maps
     x = {pool}(scores, boxes)                              # [B, R, 7, 7, num_classes]
     class_scores = x.mean(axis=(-3, -2))"""
-_PS_IMPLEMENTATION = _a("implementation", None, Optional[str],
-                        "``None`` or ``\"xla\"`` (pure JAX, on every platform; no kernels yet).")
 
 SPECS = {
     "RoIAlign": OpSpec(
@@ -116,12 +114,12 @@ SPECS = {
     "PSRoIAlign": OpSpec(
         "PSRoIAlign", ops.ps_roi_align,
         "Position-sensitive RoIAlign (R-FCN): :func:`jax_roi.ps_roi_align`",
-        (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _DATA_FORMAT, _PS_IMPLEMENTATION, _DTYPE),
+        (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC, _DTYPE),
         example=_RFCN.format(pool="PSRoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)")),
     "PSRoIPool": OpSpec(
         "PSRoIPool", ops.ps_roi_pool,
         "Position-sensitive RoIPool (R-FCN, the mean of whole cells): :func:`jax_roi.ps_roi_pool`",
-        (_OUTPUT_SIZE, _SPATIAL_SCALE, _DATA_FORMAT, _PS_IMPLEMENTATION, _DTYPE),
+        (_OUTPUT_SIZE, _SPATIAL_SCALE, _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC, _DTYPE),
         example=_RFCN.format(pool="PSRoIPool(7, spatial_scale=1 / 16)")),
 }
 

@@ -217,18 +217,19 @@ def multiscale_roi_align(features, boxes, output_size, *, spatial_scales, sampli
     return canon.apply(pool, levels)
 
 
-def _pure_jax_only(op: str, implementation: Any):
-    """The position-sensitive ops run on the pure-JAX path on every platform (no kernels yet)."""
-    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
-    if implementation == "ffi":
-        raise ValueError(f"implementation: expected None or 'xla' for {op} (it has no kernels), got 'ffi'")
-    from jax_roi.xla import position_sensitive
+def _position_sensitive(implementation: Any, deterministic: Any):
+    """The position-sensitive ops' canonical-form module (``jax_roi.xla.position_sensitive``
+    or the kernels) and its extra options, chosen as for the other ops."""
+    impl, extra = _implementation(implementation, deterministic)
+    if impl is _xla:
+        from jax_roi.xla import position_sensitive
 
-    return position_sensitive
+        return position_sensitive, extra
+    return impl, extra
 
 
 def ps_roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, data_format="NHWC",
-                 implementation=None):
+                 implementation=None, deterministic=False):
     """Position-sensitive RoIAlign (R-FCN), torchvision's ``ps_roi_align``.
 
     The features have ``C = C_out * oh * ow`` channels; output channel ``c`` of bin
@@ -236,34 +237,36 @@ def ps_roi_align(features, boxes, output_size, *, spatial_scale=1.0, sampling_ra
     ``(c * oh + ph) * ow + pw`` over that bin, averaged over ``gy x gx`` bilinear samples
     (``sampling_ratio``, or ``ceil(bin)`` when ``<= 0``). A bin without samples is 0.
 
-    Args and result as :func:`roi_align`, with ``C_out`` output channels. Differentiable in
-    features and boxes.
+    Args and result as :func:`roi_align` (``implementation`` and ``deterministic`` too: the
+    kernels where built), with ``C_out`` output channels. Differentiable in features and
+    boxes.
     """
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
     sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
-    impl = _pure_jax_only("ps_roi_align", implementation)
+    impl, extra = _position_sensitive(implementation, deterministic)
     canon = _inputs.canonicalize(features, boxes, data_format)
     _inputs.position_sensitive_channels(canon.features, size, "NHWC")
     return canon.apply(functools.partial(impl.ps_roi_align, output_size=size, spatial_scale=spatial_scale,
-                                         sampling_ratio=sampling_ratio))
+                                         sampling_ratio=sampling_ratio, **extra))
 
 
-def ps_roi_pool(features, boxes, output_size, *, spatial_scale=1.0, data_format="NHWC", implementation=None):
+def ps_roi_pool(features, boxes, output_size, *, spatial_scale=1.0, data_format="NHWC", implementation=None,
+                deterministic=False):
     """Position-sensitive RoIPool (R-FCN), torchvision's ``ps_roi_pool``: the *mean* of the
     whole cells of each bin, on the bin's own channel group as :func:`ps_roi_align`.
 
     Bins as torchvision's forward: the box ends rounded half away from zero, the box at
     least one cell, bin edges ``floor(p * bin)`` and ``ceil((p + 1) * bin)`` from its start,
     clipped to ``[0, size - 1]``; an empty bin is 0. The feature gradient is the forward's
-    transpose; boxes get none.
+    transpose; boxes get none. ``implementation`` and ``deterministic`` as :func:`roi_align`.
     """
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
-    impl = _pure_jax_only("ps_roi_pool", implementation)
+    impl, extra = _position_sensitive(implementation, deterministic)
     canon = _inputs.canonicalize(features, boxes, data_format)
     _inputs.position_sensitive_channels(canon.features, size, "NHWC")
-    return canon.apply(functools.partial(impl.ps_roi_pool, output_size=size, spatial_scale=spatial_scale))
+    return canon.apply(functools.partial(impl.ps_roi_pool, output_size=size, spatial_scale=spatial_scale, **extra))
 
 
 def roi_align_rotated(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,

@@ -9,9 +9,11 @@ same with or without ``JAX_ROI_EMULATE_CUDA=1``.
 """
 
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,12 @@ pytestmark = pytest.mark.skipif(_ext is None or not hasattr(_ext, "emulated_cuda
                                 reason="jax_roi._ext is not built (or has no emulated CUDA targets)")
 
 CPU, EMU = "jax_roi_test_cpu_", "jax_roi_test_emulated_"
+
+
+def _seed(case):
+    """A seed that is the same in every run (``hash`` of a string changes with
+    ``PYTHONHASHSEED``, so it made the inputs, and a float16 tie, differ run to run)."""
+    return zlib.crc32(repr(case).encode())
 
 
 def _register():
@@ -94,7 +102,7 @@ POOL_SHAPES = [(2, 7, 9), (1, 1, 1), (3, 12, 5)]
 @pytest.mark.parametrize("bhw", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("binning", [0, 1], ids=["caffe", "floor"])
 def test_roi_pool(dtype, bhw, binning):
-    rng = np.random.default_rng(hash((jnp.dtype(dtype).name, bhw, binning)) % 2**32)
+    rng = np.random.default_rng(_seed((jnp.dtype(dtype).name, bhw, binning)))
     b, h, w = bhw
     for c in _channel_cases(dtype):
         x = _features(rng, (b, h, w, c), dtype)
@@ -190,7 +198,7 @@ def _check_align(rng, dtype, feats, scales, rois, level, mode, reduction, out_hw
 @pytest.mark.parametrize("mode", ["aligned", "legacy", "warp"])
 @pytest.mark.parametrize("reduction", [0, 1], ids=["avg", "max"])
 def test_roi_align(dtype, mode, reduction):
-    rng = np.random.default_rng(hash((jnp.dtype(dtype).name, mode, reduction)) % 2**32)
+    rng = np.random.default_rng(_seed((jnp.dtype(dtype).name, mode, reduction)))
     b, h, w = 2, 7, 9
     for c in _channel_cases(dtype):
         x = _features(rng, (b, h, w, c), dtype)
@@ -279,3 +287,106 @@ def test_emulated_targets_take_the_cuda_attributes():
         _align_bwd(CPU, cot, rois, level, (x,), attrs, 1, 1, 0)
     with pytest.raises(Exception, match="attribute"):
         _pool_bwd(EMU, cot, rois, x, 1.0, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# ps_roi_align, ps_roi_pool (position-sensitive: C = C_out * oh * ow input channels)
+# ---------------------------------------------------------------------------------------
+
+def _ps_attrs(op, scale, sampling_ratio):
+    attrs = dict(spatial_scale=np.float64(scale))
+    if op == "ps_roi_align":
+        attrs["sampling_ratio"] = np.int64(sampling_ratio)
+    return attrs
+
+
+def _ps_fwd(prefix, op, rois, x, out_hw, attrs):
+    c_out = x.shape[-1] // (out_hw[0] * out_hw[1])
+    out = jax.ShapeDtypeStruct((rois.shape[0],) + out_hw + (c_out,), x.dtype)
+    return jax.ffi.ffi_call(prefix + op + "_fwd", out)(rois, x, **attrs)
+
+
+def _ps_bwd(prefix, op, cot, rois, x, attrs, out_images, rois_grad=1, deterministic=None):
+    """(d_rois or None, d_features)."""
+    grad = jax.ShapeDtypeStruct((out_images,) + x.shape[1:], _acc(x.dtype))
+    extra = {} if deterministic is None else dict(deterministic=np.int64(deterministic))
+    if op == "ps_roi_align":
+        outs = [jax.ShapeDtypeStruct(rois.shape, rois.dtype), grad]
+        d_rois, d_x = jax.ffi.ffi_call(prefix + op + "_bwd", outs)(cot, rois, x, rois_grad=np.int64(rois_grad),
+                                                                   **attrs, **extra)
+        return d_rois, d_x
+    return None, jax.ffi.ffi_call(prefix + op + "_bwd", grad)(cot, rois, x, **attrs, **extra)
+
+
+def _check_ps(rng, op, dtype, x, rois, out_hw, scale, sampling_ratio, out_images):
+    attrs = _ps_attrs(op, scale, sampling_ratio)
+    want = _ps_fwd(CPU, op, rois, x, out_hw, attrs)
+    got = _ps_fwd(EMU, op, rois, x, out_hw, attrs)
+    what = f"{op} C={x.shape[-1]} {out_hw} sr={sampling_ratio}"
+    _close(got, want, dtype, f"forward {what}")
+    cot = _features(rng, want.shape, dtype)
+    for rois_grad in ((0, 1) if op == "ps_roi_align" else (1,)):
+        want_r, want_d = _ps_bwd(CPU, op, cot, rois, x, attrs, out_images, rois_grad)
+        for det in (0, 1):
+            got_r, got_d = _ps_bwd(EMU, op, cot, rois, x, attrs, out_images, rois_grad, det)
+            how = f"{what} deterministic={det} rois_grad={rois_grad} images={out_images}"
+            _close(got_d, want_d, _acc(dtype), f"d_features {how}")
+            if got_r is not None:
+                if rois_grad:
+                    _close(got_r, want_r, _acc(dtype), f"d_rois {how}")
+                else:
+                    assert not np.any(np.asarray(got_r)), how
+
+
+# (B, H, W), output size, sampling_ratio: a one-pixel map, bins over the channel groups of a
+# ragged C_out, a map larger than one 8 x 8 gather tile.
+PS_CASES = [((2, 7, 9), (3, 2), 2), ((1, 1, 1), (2, 2), 0), ((2, 12, 17), (2, 3), -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool"])
+def test_position_sensitive(op, dtype):
+    """Both position-sensitive ops, emulated against the CPU kernels on every edge box:
+    forward, feature gradient in both backward modes (and ps_roi_align's box gradient,
+    asked for or not), a vmapped call's folded images (2B)."""
+    rng = np.random.default_rng(_seed((op, jnp.dtype(dtype).name)))
+    for (b, h, w), out_hw, sr in PS_CASES:
+        for c_out in (1, VEC[dtype] + 1):
+            x = _features(rng, (b, h, w, c_out * out_hw[0] * out_hw[1]), dtype)
+            rois = _rois(rng, b, h, w, 5, dtype)
+            for out_images in (b, 2 * b):
+                _check_ps(rng, op, dtype, x, rois, out_hw, 0.5, sr, out_images)
+
+
+def test_position_sensitive_large_channels_and_no_rois():
+    """Input channels past one gather chunk (128 float32 / 64 float64 channels) and output
+    channels past one block's 256; K = 0."""
+    rng = np.random.default_rng(12)
+    for op in ("ps_roi_align", "ps_roi_pool"):
+        for dtype, c_out, out_hw in ((jnp.float32, 300, (1, 1)), (jnp.float64, 33, (2, 2))):
+            x = _features(rng, (1, 5, 6, c_out * out_hw[0] * out_hw[1]), dtype)
+            rois = _rois(rng, 1, 5, 6, 3, dtype, edge=False)
+            _check_ps(rng, op, dtype, x, rois, out_hw, 0.5, 2, 1)
+        x = _features(rng, (2, 5, 6, 8), jnp.float32)
+        none = jnp.zeros((0, 5), jnp.float32)
+        attrs = _ps_attrs(op, 1.0, 2)
+        assert _ps_fwd(EMU, op, none, x, (2, 2), attrs).shape == (0, 2, 2, 2)
+        for det in (0, 1):
+            _, d = _ps_bwd(EMU, op, jnp.zeros((0, 2, 2, 2), jnp.float32), none, x, attrs, 2, 1, det)
+            assert not np.any(np.asarray(d))
+
+
+def test_position_sensitive_deterministic_is_bitwise_reproducible():
+    rng = np.random.default_rng(13)
+    x = _features(rng, (2, 9, 11, 3 * 4), jnp.float32)
+    rois = _rois(rng, 2, 9, 11, 12, jnp.float32)
+    cot = _features(rng, (rois.shape[0], 2, 2, 3), jnp.float32)
+    for op in ("ps_roi_align", "ps_roi_pool"):
+        attrs = _ps_attrs(op, 0.5, -1)
+        a = _ps_bwd(EMU, op, cot, rois, x, attrs, 2, 1, 1)
+        b = _ps_bwd(EMU, op, cot, rois, x, attrs, 2, 1, 1)
+        for u, v in zip(a, b):
+            if u is not None:
+                assert np.array_equal(np.asarray(u), np.asarray(v))
+        with pytest.raises(Exception, match="attribute"):  # the CUDA backward wants `deterministic`
+            _ps_bwd(EMU, op, cot, rois, x, attrs, 2)

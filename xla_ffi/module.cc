@@ -2,7 +2,9 @@
 // jax_roi/ffi/_loader.py registers with jax.ffi.register_ffi_target.
 //
 // Target names (the same on every platform; the platform is given at registration):
-//   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd
+//   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd,
+//   jax_roi_ps_roi_align_fwd, jax_roi_ps_roi_align_bwd, jax_roi_ps_roi_pool_fwd,
+//   jax_roi_ps_roi_pool_bwd
 #include <pybind11/pybind11.h>
 
 #include "common/roi_limits.h"
@@ -15,6 +17,10 @@ XLA_FFI_Error* JaxRoiAlignForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiAlignBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsAlignForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsAlignBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsPoolForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 }
 
 #ifdef JAX_ROI_WITH_CUDA
@@ -24,6 +30,10 @@ XLA_FFI_Error* JaxRoiAlignForwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiAlignBackwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolForwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolBackwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsAlignForwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsAlignBackwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsPoolForwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsPoolBackwardCuda(XLA_FFI_CallFrame* call_frame);
 }
 #endif
 
@@ -48,6 +58,10 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCpu);
     d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCpu);
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCpu);
+    d["jax_roi_ps_roi_align_fwd"] = Capsule(JaxRoiPsAlignForwardCpu);
+    d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCpu);
+    d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCpu);
+    d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCpu);
     return d;
   });
   // Which variant of the CPU channel loops runs: "avx2+fma" or "baseline" (SSE2 / NEON;
@@ -62,6 +76,10 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCuda);
     d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCuda);
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCuda);
+    d["jax_roi_ps_roi_align_fwd"] = Capsule(JaxRoiPsAlignForwardCuda);
+    d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCuda);
+    d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCuda);
+    d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCuda);
     return d;
   });
   m.attr("has_cuda") = true;
@@ -78,6 +96,10 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_roi_align_bwd"] = Capsule(JaxRoiAlignBackwardCudaEmulated);
     d["jax_roi_roi_pool_fwd"] = Capsule(JaxRoiPoolForwardCudaEmulated);
     d["jax_roi_roi_pool_bwd"] = Capsule(JaxRoiPoolBackwardCudaEmulated);
+    d["jax_roi_ps_roi_align_fwd"] = Capsule(JaxRoiPsAlignForwardCudaEmulated);
+    d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCudaEmulated);
+    d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCudaEmulated);
+    d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCudaEmulated);
     return d;
   });
   // The attribute limits every handler checks (roi_limits.h), so that Python's own checks
@@ -89,6 +111,7 @@ PYBIND11_MODULE(_ext, m) {
     limits["max_deterministic_rois"] = jax_roi::kMaxDeterministicRois;
     m.attr("limits") = limits;
   }
-  // Bumped whenever a target's operands or attributes change; the Python side checks it.
-  m.attr("abi_version") = 1;
+  // Bumped whenever a target's operands or attributes change, or targets are added (2: the
+// position-sensitive ops); the Python side checks it.
+  m.attr("abi_version") = 2;
 }

@@ -13,11 +13,17 @@ import jax.numpy as jnp
 
 from jax_roi import xla as _xla
 from jax_roi.ffi.targets import OpConfig
+from jax_roi.xla import position_sensitive
 from jax_roi.xla.contraction import accumulation_dtype  # one rule for every path
 
 
 def forward(cfg: OpConfig, rois, level, features):
     """``[K, oh, ow, C]``: roi ``k`` on ``features[level[k]]``."""
+    if cfg.kind == "ps_align":
+        return position_sensitive.ps_roi_align(features[0], rois, cfg.output_size, spatial_scale=cfg.scales[0],
+                                               sampling_ratio=cfg.sampling_ratio)
+    if cfg.kind == "ps_pool":
+        return position_sensitive.ps_roi_pool(features[0], rois, cfg.output_size, spatial_scale=cfg.scales[0])
     if cfg.kind == "pool":
         return _xla.roi_pool(features[0], rois, cfg.output_size, spatial_scale=cfg.scales[0], binning=cfg.binning)
     if len(features) == 1:

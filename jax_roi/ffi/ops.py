@@ -56,3 +56,22 @@ def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe",
     _ensure_loaded()
     cfg = OpConfig("pool", output_size, (spatial_scale,), binning=binning, deterministic=deterministic)
     return primitives.forward(rois, _single_level(rois), (features,), cfg=cfg)
+
+
+def ps_roi_align(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1, deterministic=False):
+    """Canonical-form position-sensitive RoIAlign on the kernels: ``features [B, H, W,
+    C_out*oh*ow]``, ``rois [K, 5]`` -> ``[K, oh, ow, C_out]``, as
+    ``jax_roi.xla.position_sensitive.ps_roi_align``. Differentiable in features and boxes;
+    ``deterministic`` as :func:`roi_align`."""
+    _ensure_loaded()
+    cfg = OpConfig("ps_align", output_size, (spatial_scale,), sampling_ratio=sampling_ratio,
+                   deterministic=deterministic)
+    return primitives.forward(rois, _single_level(rois), (features,), cfg=cfg)
+
+
+def ps_roi_pool(features, rois, output_size, *, spatial_scale=1.0, deterministic=False):
+    """Canonical-form position-sensitive RoIPool (the mean of whole cells) on the kernels,
+    as ``jax_roi.xla.position_sensitive.ps_roi_pool``."""
+    _ensure_loaded()
+    cfg = OpConfig("ps_pool", output_size, (spatial_scale,), deterministic=deterministic)
+    return primitives.forward(rois, _single_level(rois), (features,), cfg=cfg)

@@ -78,7 +78,8 @@ def split_tangent_args(args):
 
 def _out_aval(rois, features, cfg):
     oh, ow = cfg.output_size
-    return jax.core.ShapedArray(rois.shape[:-1] + (oh, ow, features[0].shape[-1]), features[0].dtype)
+    return jax.core.ShapedArray(rois.shape[:-1] + (oh, ow, cfg.output_channels(features[0].shape[-1])),
+                                features[0].dtype)
 
 
 def _forward_abstract(rois, level, *features, cfg, grouped):
@@ -134,7 +135,7 @@ def _backward_call(platform, cfg, rois_grad, factor, cot, rois, level, *features
     structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
     attrs = attributes(cfg, backward=True, rois_grad=rois_grad, device_kernel=device)
     args = (cot, *operands(cfg, rois, level, features))
-    if cfg.kind == "align":
+    if cfg.backward_returns_rois:
         return tuple(jax.ffi.ffi_call(BACKWARD[cfg.kind], structs)(*args, **attrs))
     d = jax.ffi.ffi_call(BACKWARD[cfg.kind], structs[1])(*args, **attrs)
     return (jnp.zeros_like(rois), d)

@@ -14,6 +14,12 @@ in float32, or float64 for float64 features.
     and writes image ``b``, so per-example gradients of a shared map need no copy of it.
 ``jax_roi_roi_pool_fwd(rois, features) -> out``, ``jax_roi_roi_pool_bwd(cot, rois,
 features) -> d_features``: attributes ``spatial_scale`` (f64), ``binning`` (0 caffe, 1 floor).
+``jax_roi_ps_roi_align_fwd(rois, features) -> out [K, oh, ow, C / (oh*ow)]``,
+``jax_roi_ps_roi_align_bwd(cot, rois, features) -> (d_rois, d_features)``: attributes
+``spatial_scale`` (f64), ``sampling_ratio`` and on the backward ``rois_grad``.
+``jax_roi_ps_roi_pool_fwd(rois, features) -> out``, ``jax_roi_ps_roi_pool_bwd(cot, rois,
+features) -> d_features``: attribute ``spatial_scale``. Both position-sensitive backwards
+write ``m*B`` gradient images as roi_align's.
 
 The CUDA backward targets (and their host emulation) take one more attribute,
 ``deterministic`` (int64): 0 scatters the feature gradient with atomics, 1 gathers it per
@@ -27,8 +33,10 @@ import dataclasses
 
 import numpy as np
 
-FORWARD = {"align": "jax_roi_roi_align_fwd", "pool": "jax_roi_roi_pool_fwd"}
-BACKWARD = {"align": "jax_roi_roi_align_bwd", "pool": "jax_roi_roi_pool_bwd"}
+FORWARD = {"align": "jax_roi_roi_align_fwd", "pool": "jax_roi_roi_pool_fwd",
+           "ps_align": "jax_roi_ps_roi_align_fwd", "ps_pool": "jax_roi_ps_roi_pool_fwd"}
+BACKWARD = {"align": "jax_roi_roi_align_bwd", "pool": "jax_roi_roi_pool_bwd",
+            "ps_align": "jax_roi_ps_roi_align_bwd", "ps_pool": "jax_roi_ps_roi_pool_bwd"}
 
 _REDUCTIONS = {"avg": 0, "max": 1}
 _BINNINGS = {"caffe": 0, "floor": 1}
@@ -39,7 +47,9 @@ class OpConfig:
     """Every static attribute of one kernel op (hashable: a primitive parameter).
 
     ``kind`` is ``"align"`` (RoIAlign, RoIWarp with ``quantize``, and the multi-level
-    form, one scale per level) or ``"pool"`` (RoIPool, one scale)."""
+    form, one scale per level), ``"pool"`` (RoIPool, one scale), ``"ps_align"`` or
+    ``"ps_pool"`` (the position-sensitive ops, one scale: ``C_out = C / (oh*ow)`` output
+    channels)."""
 
     kind: str
     output_size: tuple[int, int]
@@ -52,18 +62,37 @@ class OpConfig:
     deterministic: bool = False
 
     @property
+    def position_sensitive(self) -> bool:
+        return self.kind in ("ps_align", "ps_pool")
+
+    def output_channels(self, channels: int) -> int:
+        """The output's channels for maps of ``channels``: each position-sensitive bin reads
+        its own group of ``C / (oh*ow)``."""
+        if self.position_sensitive:
+            return channels // (self.output_size[0] * self.output_size[1])
+        return channels
+
+    @property
     def linear_in_features(self) -> bool:
-        """Average RoIAlign / RoIWarp: the forward kernel is also the features' tangent."""
-        return self.kind == "align" and self.reduction == "avg"
+        """Average RoIAlign / RoIWarp and both position-sensitive ops (averages): the forward
+        kernel is also the features' tangent."""
+        return (self.kind == "align" and self.reduction == "avg") or self.position_sensitive
 
     @property
     def has_box_gradient(self) -> bool:
-        """RoIWarp's rounding and RoIPool's whole cells are flat in the boxes."""
-        return self.kind == "align" and not self.quantize
+        """RoIWarp's rounding and RoIPool's (and ps_roi_pool's) whole cells are flat in the
+        boxes."""
+        return (self.kind == "align" and not self.quantize) or self.kind == "ps_align"
+
+    @property
+    def backward_returns_rois(self) -> bool:
+        """Whether the backward target has a ``d_rois`` result (the ops with box gradients)."""
+        return self.kind in ("align", "ps_align")
 
 
 def operands(cfg: OpConfig, rois, level, features):
-    """The target's operands: RoIPool's take no level (single map)."""
+    """The target's operands: the single-map ops' (RoIPool, the position-sensitive ops)
+    take no level."""
     return (rois, level, *features) if cfg.kind == "align" else (rois, features[0])
 
 
@@ -76,6 +105,12 @@ def attributes(cfg: OpConfig, *, backward: bool, rois_grad: bool = False, device
                      reduction=np.int64(_REDUCTIONS[cfg.reduction]), quantize=np.int64(cfg.quantize))
         if backward:
             attrs["rois_grad"] = np.int64(bool(rois_grad))
+    elif cfg.kind == "ps_align":
+        attrs = dict(spatial_scale=np.float64(cfg.scales[0]), sampling_ratio=np.int64(cfg.sampling_ratio))
+        if backward:
+            attrs["rois_grad"] = np.int64(bool(rois_grad))
+    elif cfg.kind == "ps_pool":
+        attrs = dict(spatial_scale=np.float64(cfg.scales[0]))
     else:
         attrs = dict(spatial_scale=np.float64(cfg.scales[0]), binning=np.int64(_BINNINGS[cfg.binning]))
     if backward and device_kernel:

@@ -152,6 +152,15 @@ ffi::Error CheckLevels(const ffi::RemainingArgs& args, size_t first, size_t coun
   return ffi::Error::Success();
 }
 
+inline ffi::Error CheckSamplingRatio(const char* op, int64_t sampling_ratio) {
+  if (sampling_ratio > kMaxSamplingRatio) {
+    // sampling_ratio^2 samples per bin (per-bin buffers on the CPU, per thread on the GPU).
+    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
+                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
+  }
+  return ffi::Error::Success();
+}
+
 // The roi_align attributes that do not depend on the operands (checked before them).
 inline ffi::Error CheckAlignAttrs(const char* op, size_t num_levels, ffi::Span<const double> scales,
                                   int64_t sampling_ratio, int64_t reduction) {
@@ -164,11 +173,7 @@ inline ffi::Error CheckAlignAttrs(const char* op, size_t num_levels, ffi::Span<c
     return Invalid(std::string(op) + ": spatial_scales: expected one scale per feature level (" +
                    std::to_string(num_levels) + "), got " + std::to_string(scales.size()));
   }
-  if (sampling_ratio > kMaxSamplingRatio) {
-    // sampling_ratio^2 samples per bin (per-bin buffers on the CPU, per thread on the GPU).
-    return Invalid(std::string(op) + ": sampling_ratio: expected at most " + std::to_string(kMaxSamplingRatio) +
-                   " samples per bin side (or <= 0, adaptive), got " + std::to_string(sampling_ratio));
-  }
+  if (auto err = CheckSamplingRatio(op, sampling_ratio); err.failure()) return err;
   if (reduction != 0 && reduction != 1) {
     return Invalid(std::string(op) + ": reduction: expected 0 (avg) or 1 (max), got " + std::to_string(reduction));
   }
@@ -185,9 +190,9 @@ inline ffi::Error CheckAlignScales(const char* op, ffi::Span<const double> scale
   return ffi::Error::Success();
 }
 
-// The roi_pool features, scale and binning; then the rois.
-inline ffi::Error CheckPool(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, double scale,
-                            int64_t binning, ffi::DataType* dtype, int64_t* num_rois) {
+// The features [B, H, W, C] and the spatial scale of a single-map op (roi_pool and the
+// position-sensitive ops).
+inline ffi::Error CheckSingleMap(const char* op, const ffi::AnyBuffer& features, double scale, ffi::DataType* dtype) {
   auto fd = features.dimensions();
   if (fd.size() != 4) {
     return Invalid(std::string(op) + ": features: expected rank 4 [B, H, W, C], got shape " + ShapeString(fd));
@@ -197,10 +202,52 @@ inline ffi::Error CheckPool(const char* op, const ffi::AnyBuffer& rois, const ff
   if (!(scale > 0) || !roi_finite(scale)) {
     return Invalid(std::string(op) + ": spatial_scale: expected a finite number > 0, got " + std::to_string(scale));
   }
+  return ffi::Error::Success();
+}
+
+// The roi_pool features, scale and binning; then the rois.
+inline ffi::Error CheckPool(const char* op, const ffi::AnyBuffer& rois, const ffi::AnyBuffer& features, double scale,
+                            int64_t binning, ffi::DataType* dtype, int64_t* num_rois) {
+  if (auto err = CheckSingleMap(op, features, scale, dtype); err.failure()) return err;
   if (binning != kPoolCaffe && binning != kPoolFloor) {
     return Invalid(std::string(op) + ": binning: expected 0 (caffe) or 1 (floor), got " + std::to_string(binning));
   }
   return CheckRois(rois, *dtype, op, num_rois);
+}
+
+// The per-bin result of a position-sensitive op (its output or cotangent `what`): dtype,
+// shape [K, oh >= 1, ow >= 1, C_out] with C_out * oh * ow = C, the features' channels.
+// Sets *oh and *ow.
+inline ffi::Error CheckPositionSensitiveBins(const char* op, const char* what, const ffi::AnyBuffer& b, int64_t K,
+                                             int64_t C, ffi::DataType dtype, int64_t* oh, int64_t* ow) {
+  auto d = b.dimensions();
+  const bool ok = d.size() == 4 && d[0] == K && d[1] >= 1 && d[2] >= 1 && d[3] * d[1] * d[2] == C &&
+                  b.element_type() == dtype;
+  if (!ok) {
+    return Invalid(std::string(op) + ": " + what + ": expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
+                   ", oh, ow, C_out] with C_out * oh * ow = C=" + std::to_string(C) + " (the features' channels), got " +
+                   DtypeName(b.element_type()) + " " + ShapeString(d));
+  }
+  *oh = d[1];
+  *ow = d[2];
+  return ffi::Error::Success();
+}
+
+// A feature gradient [n*B, H, W, C] in the accumulation dtype `ctype` (n >= 1; vmap folds a
+// mapped axis into the images: roi batch index b reads image b % B). Sets *out_batch = n*B.
+inline ffi::Error CheckFeatureGradient(const char* op, const ffi::AnyBuffer& d, ffi::AnyBuffer::Dimensions fd,
+                                       ffi::DataType ctype, int64_t* out_batch) {
+  auto dd = d.dimensions();
+  const int64_t B = fd[0];
+  const int64_t n = dd.size() == 4 ? dd[0] : -1;
+  const bool batch_ok = B == 0 ? n == 0 : (n >= 0 && n % B == 0);
+  if (dd.size() != 4 || !batch_ok || dd[1] != fd[1] || dd[2] != fd[2] || dd[3] != fd[3] || d.element_type() != ctype) {
+    return Invalid(std::string(op) + ": d_features: expected " + DtypeName(ctype) + " [n*" + std::to_string(B) + ", " +
+                   std::to_string(fd[1]) + ", " + std::to_string(fd[2]) + ", " + std::to_string(fd[3]) + "], got " +
+                   DtypeName(d.element_type()) + " " + ShapeString(dd));
+  }
+  *out_batch = n;
+  return ffi::Error::Success();
 }
 
 // A cotangent [K, oh, ow, C] of the features' dtype (oh, ow >= 1).

@@ -230,6 +230,38 @@ ROI_HD inline void sample_position_grad(const AxisGeom<T>& g, int64_t p, T i0, i
   *d_c2 = g.d_coord * d_len;
 }
 
+// Rows (or columns) [*lo, *hi] that the taps of any sample of this axis can touch, with a
+// margin of one cell for rounding; false when none can. Sample positions are monotone in
+// (bin, sample) up to rounding, so the first and last samples bound them; when the box is
+// so large that rounding could exceed a cell (|coordinates| > 2^20), or the bins visit a
+// window of their samples (a box over twice the map), the whole axis.
+template <typename T>
+ROI_HD inline bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo, int* hi) {
+  if (count <= 0 || size <= 0) return false;
+  if (g.windowed) {
+    *lo = 0;
+    *hi = static_cast<int>(size - 1);
+    return true;
+  }
+  const T p0 = sample_position(g, 0, T(0), 0);
+  const T p1 = sample_position(g, bins - 1, T(0), count - 1);
+  T a = p0 < p1 ? p0 : p1;
+  T b = p0 < p1 ? p1 : p0;
+  const T big = T(1048576);
+  const bool huge = !(a > -big) || !(b < big) || !(g.start > -big && g.start < big);
+  if (huge) {
+    *lo = 0;
+    *hi = static_cast<int>(size - 1);
+    return true;
+  }
+  if (b < T(-2) || a > static_cast<T>(size) + T(1)) return false;
+  a = roi_floor(a) - T(1);
+  b = roi_floor(b) + T(2);
+  *lo = a < T(0) ? 0 : static_cast<int>(a);
+  *hi = b > static_cast<T>(size - 1) ? static_cast<int>(size - 1) : static_cast<int>(b);
+  return *lo <= *hi;
+}
+
 // The two bilinear taps of one sample along one axis.
 template <typename T>
 struct Tap {

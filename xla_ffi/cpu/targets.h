@@ -1,4 +1,5 @@
-// The CPU FFI handlers (defined with XLA_FFI_DEFINE_HANDLER_SYMBOL in cpu/roi_*.cc).
+// The CPU FFI handlers (defined with XLA_FFI_DEFINE_HANDLER_SYMBOL in cpu/roi_*.cc and
+// cpu/ps_roi_*.cc).
 #ifndef JAX_ROI_XLA_FFI_CPU_TARGETS_H_
 #define JAX_ROI_XLA_FFI_CPU_TARGETS_H_
 
@@ -9,6 +10,10 @@ XLA_FFI_Error* JaxRoiAlignForwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiAlignBackwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolForwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPoolBackwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsAlignForwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsAlignBackwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsPoolForwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiPsPoolBackwardCpu(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace jax_roi {

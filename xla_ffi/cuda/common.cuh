@@ -145,6 +145,50 @@ ROI_HDI int block_compact(const Block& blk, const PerThread<Block, int>& flag, P
 }
 
 // ---------------------------------------------------------------------------------------
+// The box gradient of one roi, reduced over a block. Called block-uniformly: sums v[q]
+// (q < 4: x1, y1, x2, y2) over the block's threads in a fixed order (shuffles within each
+// warp, then the warps in order: deterministic) and writes the totals to d_roi[1 + q]
+// (d_roi[0], the batch index, gets 0). `red`: shared memory of 4 doubles per warp
+// (box_gradient_shared_bytes).
+// ---------------------------------------------------------------------------------------
+ROI_HDI size_t box_gradient_shared_bytes(int threads) {
+  return 4 * sizeof(double) * static_cast<size_t>(threads / kWarpSize);
+}
+
+template <typename Block, typename A>
+ROI_HDI void block_box_gradient(const Block& blk, PerThread<Block, double> (&v)[4], double* red, A* d_roi) {
+  const Dim3 bd = blk.block_dim();
+  const int warps = static_cast<int>(bd.x * bd.y) / kWarpSize;
+  PerThread<Block, double> shifted;
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      blk.shfl_down(v[q], shifted, off);
+      blk.each_thread([&](const Thread& t) { v[q][t] += shifted[t]; });
+    }
+  }
+  blk.each_thread([&](const Thread& t) {
+    if (t.lane() != 0) return;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) red[q * warps + t.warp()] = v[q][t];
+  });
+  blk.sync();
+  blk.each_thread([&](const Thread& t) {
+    if (t.linear() != 0) return;
+    double tot[4] = {0, 0, 0, 0};
+    for (int w = 0; w < warps; ++w) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) tot[q] += red[q * warps + w];
+    }
+    d_roi[0] = A(0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) d_roi[1 + q] = static_cast<A>(tot[q]);
+  });
+  blk.sync();  // red is reused by the next roi
+}
+
+// ---------------------------------------------------------------------------------------
 // Feature levels, passed to the kernels by value (at most kMaxLevels, roi_limits.h).
 // ---------------------------------------------------------------------------------------
 struct Levels {
@@ -206,39 +250,6 @@ ROI_HDI AlignRoi<T> resolve_align(const Levels& lv, const AlignAttrs& at, const 
   r.nx = normalize ? T(1) / r.gx.count_f : T(1);
   r.live = r.cy > 0 && r.cx > 0;
   return r;
-}
-
-// Rows (or columns) [*lo, *hi] that the taps of any sample of this axis can touch, with a
-// margin of one cell for rounding; false when none can. Sample positions are monotone in
-// (bin, sample) up to rounding, so the first and last samples bound them; when the box is
-// so large that rounding could exceed a cell (|coordinates| > 2^20), or the bins visit a
-// window of their samples (a box over twice the map), the whole axis.
-template <typename T>
-ROI_HD inline bool axis_footprint(const AxisGeom<T>& g, int count, int64_t bins, int64_t size, int* lo,
-                                               int* hi) {
-  if (count <= 0 || size <= 0) return false;
-  if (g.windowed) {
-    *lo = 0;
-    *hi = static_cast<int>(size - 1);
-    return true;
-  }
-  const T p0 = sample_position(g, 0, T(0), 0);
-  const T p1 = sample_position(g, bins - 1, T(0), count - 1);
-  T a = p0 < p1 ? p0 : p1;
-  T b = p0 < p1 ? p1 : p0;
-  const T big = T(1048576);
-  const bool huge = !(a > -big) || !(b < big) || !(g.start > -big && g.start < big);
-  if (huge) {
-    *lo = 0;
-    *hi = static_cast<int>(size - 1);
-    return true;
-  }
-  if (b < T(-2) || a > static_cast<T>(size) + T(1)) return false;
-  a = roi_floor(a) - T(1);
-  b = roi_floor(b) + T(2);
-  *lo = a < T(0) ? 0 : static_cast<int>(a);
-  *hi = b > static_cast<T>(size - 1) ? static_cast<int>(size - 1) : static_cast<int>(b);
-  return *lo <= *hi;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -414,19 +414,17 @@ struct AlignBackwardKernel {
   static constexpr int kMaxThreads = kBwdThreads;
   // Shared memory: the box gradient's per-warp partial sums, [4][warps].
   ROI_HD static size_t shared_bytes(int threads, bool do_rois) {
-    return do_rois ? 4 * sizeof(double) * static_cast<size_t>(threads / kWarpSize) : 0;
+    return do_rois ? box_gradient_shared_bytes(threads) : 0;
   }
   template <typename Block>
   ROI_HD static void run(const Block& blk, const AlignBwdArgs<S>& args) {
-    using A = typename AccOf<S>::type;
     const Dim3 bd = blk.block_dim();
     const int64_t bins = args.at.oh * args.at.ow;
     const bool do_rois = args.do_rois != 0;
     const int64_t groups = do_rois ? 1 : (bins + bd.y - 1) / bd.y;
     const int64_t work = args.at.num_rois * groups;
-    const int warps = static_cast<int>(bd.x * bd.y) / kWarpSize;
     double* red = reinterpret_cast<double*>(blk.shared());  // [4][warps]
-    PerThread<Block, double> v[4], shifted;
+    PerThread<Block, double> v[4];
     for (int64_t bi = blk.block_index().x; bi < work; bi += blk.grid_dim().x) {  // uniform over the block
       blk.each_thread([&](const Thread& t) {
         double s[4];
@@ -435,35 +433,7 @@ struct AlignBackwardKernel {
         for (int q = 0; q < 4; ++q) v[q][t] = s[q];
       });
       if (!do_rois) continue;
-      // Block reduction in a fixed order: shuffles within each warp, then warps in order.
-#pragma unroll
-      for (int off = kWarpSize / 2; off > 0; off >>= 1) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          blk.shfl_down(v[q], shifted, off);
-          blk.each_thread([&](const Thread& t) { v[q][t] += shifted[t]; });
-        }
-      }
-      blk.each_thread([&](const Thread& t) {
-        if (t.lane() != 0) return;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) red[q * warps + t.warp()] = v[q][t];
-      });
-      blk.sync();
-      const int64_t k = bi / groups;
-      blk.each_thread([&](const Thread& t) {
-        if (t.linear() != 0) return;
-        double tot[4] = {0, 0, 0, 0};
-        for (int w = 0; w < warps; ++w) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) tot[q] += red[q * warps + w];
-        }
-        A* dr = args.d_rois + 5 * k;
-        dr[0] = A(0);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) dr[1 + q] = static_cast<A>(tot[q]);
-      });
-      blk.sync();  // red is reused by the next roi
+      block_box_gradient(blk, v, red, args.d_rois + 5 * (bi / groups));
     }
   }
 };

@@ -1,0 +1,5 @@
+// The CUDA ps_roi_pool kernels and handlers (cuda/ps_roi_pool.cu) compiled by the host
+// compiler: the emulated targets JaxRoiPsPool{Forward,Backward}CudaEmulated, CPU FFI
+// handlers that run the CUDA kernel bodies block by block on the calling thread
+// (cuda/device_ops.h).
+#include "cuda/ps_roi_pool.cu"
