@@ -182,8 +182,8 @@ def _contract_adaptive(maps, rois, output_size, aligned, quantize, contract):
 
     choices = sampling.windows(max(full))
     need = _largest_count(maps, rois, output_size, 0, aligned, quantize)
-    index = jnp.sum(need > jnp.asarray(choices[:-1], need.dtype)).astype(jnp.int32)
-    return lax.switch(index, [branch(min(w, full[0]), min(w, full[1])) for w in choices], rois)
+    branches = [branch(min(w, full[0]), min(w, full[1])) for w in choices]
+    return lax.switch(sampling.window_index(need, choices), branches, rois)
 
 
 def _sample_value(flat, base, width, taps_y, taps_x, iy, ix, acc):

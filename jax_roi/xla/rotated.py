@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_roi.xla.contraction import accumulation_dtype
-from jax_roi.xla.sampling import exact_divide, live_boxes
+from jax_roi.xla.sampling import bilinear_taps, exact_divide, live_boxes, window_index
 
 # Sample pairs per bin up to which the loops are unrolled (fused into one pass by XLA).
 _MAX_UNROLLED_SAMPLES = 16
@@ -118,18 +118,6 @@ def _map_extent(geo, height, width):
     return (jnp.min(ys, 0), jnp.max(ys, 0)), (jnp.min(xs, 0), jnp.max(xs, 0))
 
 
-def _bilinear_taps(pos, size):
-    """RoIAlign's clamps of one coordinate: ``(lo, hi, w_lo, w_hi)`` for a valid sample."""
-    pos = jnp.where(pos <= 0, jnp.zeros_like(pos), pos)
-    lo = jnp.floor(pos).astype(jnp.int32)
-    at_edge = lo >= size - 1
-    lo = jnp.where(at_edge, size - 1, lo)
-    hi = jnp.where(at_edge, size - 1, lo + 1)
-    pos = jnp.where(at_edge, lo.astype(pos.dtype), pos)
-    frac = pos - lo.astype(pos.dtype)
-    return lo, hi, 1 - frac, frac
-
-
 def _sample(flat, base, geo, yy, ey, xx, ex, height, width, acc, normalizer):
     """The weighted bilinear value ``[K, oh, ow, C]`` of one sample per output cell: ``yy,
     ey [K, oh]`` (box-frame row coordinate, exists), ``xx, ex [K, ow]``."""
@@ -139,8 +127,8 @@ def _sample(flat, base, geo, yy, ey, xx, ex, height, width, acc, normalizer):
     x = yy * sin + xx * cos + geo["cx"][:, None, None]
     valid = ey[:, :, None] & ex[:, None, :] & (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
     y, x = jnp.where(valid, y, 0), jnp.where(valid, x, 0)  # the double-where: no NaN in dead branches
-    y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(y, height)
-    x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(x, width)
+    y_lo, y_hi, wy_lo, wy_hi = bilinear_taps(y, height)
+    x_lo, x_hi, wx_lo, wx_hi = bilinear_taps(x, width)
     scale = valid.astype(y.dtype) * normalizer
     value = 0
     for rows, wy in ((y_lo, wy_lo), (y_hi, wy_hi)):
@@ -198,6 +186,5 @@ def roi_align_rotated(features, rois, output_size, *, spatial_scale=1.0, samplin
         full = _full_window(height, width)
         choices = _windows(full)
         need = jnp.maximum(jnp.max(geo["g_h"], initial=0), jnp.max(geo["g_w"], initial=0))
-        index = jnp.sum(need > jnp.asarray(choices[:-1], need.dtype)).astype(jnp.int32)
-        out = lax.switch(index, [run(w, w) for w in choices])
+        out = lax.switch(window_index(need, choices), [run(w, w) for w in choices])
     return out.astype(features.dtype)

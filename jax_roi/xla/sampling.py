@@ -182,20 +182,32 @@ def axis_taps(c1, c2, *, live, spatial_scale, bins: int, size, bound: int, sampl
     valid = finite & (i < count_f[:, None, None]) & (pos >= -1) & (pos <= size)
     pos = jnp.where(valid, pos, 0)  # the double-where: no inf/NaN in dead branches
 
-    pos = jnp.where(pos <= 0, jnp.zeros_like(pos), pos)
-    lo = jnp.floor(pos).astype(jnp.int32)
-    at_edge = lo >= size - 1
-    lo = jnp.where(at_edge, size - 1, lo)
-    hi = jnp.where(at_edge, size - 1, lo + 1)
-    pos = jnp.where(at_edge, lo.astype(dtype), pos)
-    frac = pos - lo.astype(dtype)
-    w_hi = frac
-    w_lo = 1 - frac
+    lo, hi, w_lo, w_hi = bilinear_taps(pos, size)
     scale_w = valid.astype(dtype)
     if normalize:
         scale_w = scale_w / divisor[:, None, None]
     count = jnp.minimum(count_f, bound).astype(jnp.int32)  # samples visited per bin
     return AxisTaps(lo, hi, w_lo * scale_w, w_hi * scale_w, valid, count, bound)
+
+
+def bilinear_taps(pos, size):
+    """RoIAlign's clamps of one coordinate of a valid sample: ``(lo, hi, w_lo, w_hi)``, the
+    two neighbouring rows (or columns) and their weights (``pos <= 0`` reads row 0, a
+    position at or past the last row reads it alone)."""
+    pos = jnp.where(pos <= 0, jnp.zeros_like(pos), pos)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    at_edge = lo >= size - 1
+    lo = jnp.where(at_edge, size - 1, lo)
+    hi = jnp.where(at_edge, size - 1, lo + 1)
+    pos = jnp.where(at_edge, lo.astype(pos.dtype), pos)
+    frac = pos - lo.astype(pos.dtype)
+    return lo, hi, 1 - frac, frac
+
+
+def window_index(need, choices):
+    """Which of the static windows ``choices`` (smallest first) is the smallest holding
+    ``need`` samples per bin side: the branch index of a ``lax.switch``."""
+    return jnp.sum(need > jnp.asarray(choices[:-1], need.dtype)).astype(jnp.int32)
 
 
 def interleave(taps: AxisTaps):
