@@ -199,9 +199,27 @@ _LEVELS = 3
 _CHANNEL_CHUNK = 32
 
 
+def _cell_dtype(height, width):
+    """The narrowest type for a cell index in an image of ``height x width`` cells, with its
+    all-ones pattern (``-1`` as int32, the maximum as uint16) left for "no cell". The index
+    array is as large as the output, and a narrow one is cheaper to fill, carry through the
+    channel loop and read back when routing the derivative."""
+    return jnp.uint16 if height * width < jnp.iinfo(jnp.uint16).max else jnp.int32
+
+
+def _no_cell(dtype):
+    return jnp.array(jnp.iinfo(dtype).max if dtype == jnp.uint16 else -1, dtype)
+
+
+def _narrow(arg, dtype):
+    """``arg`` (int32, ``-1`` for no cell) as ``dtype`` with its "no cell" value."""
+    return jnp.where(arg >= 0, arg.astype(dtype), _no_cell(dtype))
+
+
 def _search(values, batch, y0, hy, x0, hx, with_arg):
     """Each bin's maximum and (``with_arg``) first maximal cell, ``[K, oh, ow, C]``, over
-    chunks of :data:`_CHANNEL_CHUNK` channels (the last padded with ``-inf``)."""
+    chunks of :data:`_CHANNEL_CHUNK` channels (the last padded with ``-inf``); the cell as
+    :func:`_cell_dtype`."""
     channels = values.shape[-1]
     if channels <= _CHANNEL_CHUNK:
         return _search_chunk(values, batch, y0, hy, x0, hx, with_arg)
@@ -211,7 +229,7 @@ def _search(values, batch, y0, hy, x0, hx, with_arg):
         values = jnp.pad(values, ((0, 0),) * 3 + ((0, padded - channels),), constant_values=-jnp.inf)
     k, (oh, ow) = batch.shape[0], (y0.shape[1], x0.shape[1])
     best = jnp.zeros((k, oh, ow, padded), values.dtype)
-    arg = jnp.zeros((k, oh, ow, padded), jnp.int32) if with_arg else None
+    arg = jnp.zeros((k, oh, ow, padded), _cell_dtype(*values.shape[1:3])) if with_arg else None
 
     def chunk(i, carry):
         part = lax.dynamic_slice_in_dim(values, i * _CHANNEL_CHUNK, _CHANNEL_CHUNK, axis=3)
@@ -236,7 +254,8 @@ def _search_chunk(values, batch, y0, hy, x0, hx, with_arg):
     ]
     if top > _LEVELS:  # some bin side may reach 2**_LEVELS cells
         branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x), with_arg))
-    return lax.switch(need, branches, values, batch, y0, hy, x0, hx)
+    best, arg = lax.switch(need, branches, values, batch, y0, hy, x0, hx)
+    return best, (None if arg is None else _narrow(arg, _cell_dtype(height, width)))
 
 
 def _search_values(features):
@@ -258,7 +277,8 @@ def _bin_max(features, batch, y0, hy, x0, hx):
 def _at_winner(x, batch, arg):
     """``x [B, H, W, C]`` read at each bin's first maximal cell (``arg``), 0 where none."""
     _, height, width, channels = x.shape
-    has = arg >= 0
+    has = arg != _no_cell(arg.dtype)
+    arg = arg.astype(jnp.int32)
     base = (batch * (height * width))[:, None, None, None]
     idx = (base + jnp.where(has, arg, 0)) * channels + jnp.arange(channels)
     value = x.reshape(-1).at[idx].get(mode="promise_in_bounds")
@@ -282,7 +302,7 @@ def _routed_jvp(primals, tangents):
 def _bin_max_jvp(primals, tangents):
     features, batch, y0, hy, x0, hx = primals
     best, arg = _search(_search_values(features), batch, y0, hy, x0, hx, with_arg=True)
-    best = jnp.where(arg >= 0, best, 0).astype(features.dtype)
+    best = jnp.where(arg != _no_cell(arg.dtype), best, 0).astype(features.dtype)
     # The tangent is the feature tangent at the first maximal cell: a gather, linear in
     # it, which reverse mode transposes into a scatter-add onto that cell alone. The
     # output stays differentiable in the features the same way (``_routed``), for when
