@@ -18,7 +18,7 @@ print("emulated CUDA kernels registered for platform cpu")'
 # The kernel-path tests again, now running the CUDA kernels: torchvision golden data and
 # the float64 oracle (roi_align, roi_warp, roi_pool, multi-level), edge boxes, feature and
 # box gradients, vmap, registration, threads, the oracle property tests' fast profile; the
-# position-sensitive ops (ps_roi_align, ps_roi_pool).
+# position-sensitive ops (ps_roi_align, ps_roi_pool); rotated RoIAlign.
 # (The slowest pure-JAX comparisons stay in the main run: the emulation is run here for
 # what the kernels compute, within a few minutes.)
 # The quick subset (-m "not slow") of each: every test function once per path.
@@ -31,3 +31,6 @@ pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_ffi.py \
 # The position-sensitive ops' kernel-path tests: golden data, the oracle on edge boxes,
 # dtypes, absurd boxes, transforms, the raw targets' checks.
 pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_position_sensitive.py -k "kernels or raw_targets"
+# Rotated RoIAlign's kernel-path tests: the oracle on random angles and edge boxes, wide and
+# absurd boxes, dtypes, box gradients, transforms, the raw targets' checks.
+pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_rotated.py -k "kernels"

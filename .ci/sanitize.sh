@@ -29,6 +29,10 @@ pytest -p no:cacheprovider -q tests/test_properties.py tests/test_roi_align.py t
 # The position-sensitive kernels on the edge boxes, golden data and the raw targets' checks.
 pytest -p no:cacheprovider -q -m "not slow" tests/test_position_sensitive.py \
   -k "kernels_match or kernels_empty or kernels_torchvision or raw_targets"
+# The rotated RoIAlign kernels on the oracle, random angles, edge and absurd boxes, dtypes,
+# and the raw targets' checks.
+pytest -p no:cacheprovider -q -m "not slow" tests/test_rotated.py \
+  -k "kernels_match or kernels_boxes_with or kernels_dtypes or kernels_absurd or kernels_raw_targets"
 # The CUDA kernels' code run on the host under the same sanitizers: the emulated targets
 # against the CPU kernels on every code path and edge shape (K = 0, H = W = 1, C = 1, ragged
 # channel counts) with the edge boxes (padding and out-of-range batch indices, NaN, inf,

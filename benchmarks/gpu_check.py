@@ -12,14 +12,16 @@ the later ones, except a failed build):
   3 parity       in one process: the CUDA kernels against the CPU kernels (same process,
                  jax's CPU device) and the pure-JAX path on the GPU, forward and both
                  gradients: every op, both reductions, aligned / legacy / warp, both pool
-                 binnings, multi-level, the position-sensitive ops, every dtype, vector and
+                 binnings, multi-level, the position-sensitive ops, rotated RoIAlign, every
+                 dtype, vector and
                  scalar channel counts, edge boxes, K = 0, vmap
   4 determinism  deterministic=True gradients bitwise equal over two runs and a fresh compile
   5 cmdbuf       one case under XLA command buffers (CUDA graphs) with custom calls captured
   6 sanitizer    compute-sanitizer memcheck and racecheck on one tiny case, limited to the
                  project's kernels
   7 timing       box-head, mask-head and gpu-large (roi_align) and an R-FCN head (ps_roi_align,
-                 ps_roi_pool) against torchvision CUDA and the pure-JAX path on the GPU:
+                 ps_roi_pool) against torchvision CUDA and the pure-JAX path on the GPU, a
+                 rotated box head (roi_align_rotated) against the pure-JAX path:
                  forward, forward+backward (atomic and deterministic), median after warm-up,
                  compile time apart, achieved bandwidth against a device copy
 
@@ -351,6 +353,17 @@ def _boxes(rng, num_images, img_h, img_w, count, edge=True):
     return rois
 
 
+def _rotated(rng, rois):
+    """Corner rois ``[K, 5]`` -> rotated rois ``[K, 6]`` ``(batch, x_ctr, y_ctr, w, h, angle)``
+    with random angles: the same centres and sizes (the edge boxes stay empty, inverted,
+    sub-pixel, dead, absurd, off or over the map)."""
+    import numpy as np
+
+    b, x1, y1, x2, y2 = rois.T
+    angle = rng.uniform(-180, 180, rois.shape[0])
+    return np.stack([b, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, angle], axis=1)
+
+
 TOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 
 
@@ -371,15 +384,20 @@ def _cases(small):
            # position-sensitive: `channels` is C_out (the maps have C_out * oh * ow)
            "ps-align-sr2": ("ps_roi_align", dict(sampling_ratio=2)),
            "ps-align-adaptive": ("ps_roi_align", dict(sampling_ratio=-1)),
-           "ps-pool": ("ps_roi_pool", {})}
+           "ps-pool": ("ps_roi_pool", {}),
+           "rotated-sr2": ("roi_align_rotated", dict(sampling_ratio=2)),
+           "rotated-legacy-adaptive": ("roi_align_rotated", dict(sampling_ratio=-1, aligned=False))}
     if small:
-        plan = [("float32", list(ops), ["vec"]), ("float32", ["align-avg-legacy-sr2", "pool-caffe"], ["scalar"]),
+        # (rotated RoIAlign's emulated kernels are compared in the determinism stage and in
+        # tests/test_cuda_emulation.py: its pure-JAX gradients compile too slowly on 2 cores
+        # for this stage's limit)
+        plan = [("float32", [o for o in ops if not o.startswith("rotated")], ["vec"]), ("float32", ["align-avg-legacy-sr2", "pool-caffe"], ["scalar"]),
                 ("float64", ["align-avg-aligned-adaptive", "ps-align-adaptive"], ["vec"]),
                 ("bfloat16", ["align-avg-legacy-sr2"], ["vec", "scalar"]),
                 ("float16", ["align-max-aligned-sr2"], ["vec"])]
     else:
         some = ["align-avg-aligned-adaptive", "align-max-legacy-adaptive", "warp-avg-sr2", "pool-caffe",
-                "ps-align-sr2", "ps-pool"]
+                "ps-align-sr2", "ps-pool", "rotated-sr2"]
         plan = [("float32", list(ops), ["vec", "scalar"]), ("float64", list(ops), ["vec"]),
                 ("float64", ["align-avg-legacy-sr2"], ["scalar"]),
                 ("bfloat16", some, ["vec"]), ("bfloat16", ["align-avg-legacy-sr2"], ["scalar"]),
@@ -416,6 +434,8 @@ def _cases(small):
         extra("vmap-boxes/roi_pool/float32", "roi_pool", {}, vmap="boxes")
         extra("ps-align/float32/HW1", "ps_roi_align", dict(sampling_ratio=-1), levels=[(1, 1)], channels=3)
         extra("vmap-features/ps_roi_pool/float32", "ps_roi_pool", {}, vmap="features", channels=3)
+        extra("vmap-boxes/roi_align_rotated/float32", "roi_align_rotated", dict(sampling_ratio=2), vmap="boxes")
+        extra("rotated/float32/HW1", "roi_align_rotated", dict(sampling_ratio=-1), levels=[(1, 1)])
     return cases
 
 
@@ -439,9 +459,11 @@ def _make_case(case, seed):
     img_h, img_w = case["levels"][0][0] / scales[0], case["levels"][0][1] / scales[0]
     feats = [rng.standard_normal((b, h, w, map_channels)).astype(np.float32) for h, w in case["levels"]]
     rois = _boxes(rng, b, img_h, img_w, case["boxes"], edge=case["boxes"] > 0).astype(coord)
+    if case["op"] == "roi_align_rotated":
+        rois = _rotated(rng, rois).astype(coord)
     if case["boxes"] == 0:
-        rois = np.zeros((0, 5), coord)
-    box_grad = case["op"] in ("roi_align", "multiscale_roi_align", "ps_roi_align")
+        rois = np.zeros((0, rois.shape[1]), coord)
+    box_grad = case["op"] in ("roi_align", "multiscale_roi_align", "ps_roi_align", "roi_align_rotated")
     vmap = case.get("vmap")
     n = 2 if vmap else None
     if vmap == "boxes":
@@ -589,10 +611,13 @@ def stage_determinism(result, dry_run):
              dict(name="ps-align-sr2", op="ps_roi_align", kw=dict(sampling_ratio=2), levels=[hw], dtype="float32",
                   channels=c // 8, boxes=nb, output=(7, 7)),
              dict(name="ps-pool", op="ps_roi_pool", kw={}, levels=[hw], dtype="float32", channels=c // 8,
-                  boxes=nb, output=(7, 7))]
+                  boxes=nb, output=(7, 7)),
+             dict(name="rotated-sr2", op="roi_align_rotated", kw=dict(sampling_ratio=2), levels=[hw],
+                  dtype="float32", channels=c, boxes=nb, output=(7, 7))]
     if dry_run:
-        # the emulation is slow: one align, the pool, the multi-level, one position-sensitive op
-        cases = [cases[0], cases[2], cases[3], cases[4]]
+        # the emulation is slow: one align, the pool, the multi-level, one position-sensitive
+        # op, the rotated op
+        cases = [cases[0], cases[2], cases[3], cases[4], cases[6]]
     rows = []
     for i, case in enumerate(cases):
         build, args = _make_case(case, seed=100 + i)
@@ -642,7 +667,8 @@ def stage_tiny(result, dry_run):
 
     for i, (op, kw) in enumerate((("roi_align", dict(sampling_ratio=2)), ("roi_align", dict(reduction="max")),
                                   ("roi_warp", dict(sampling_ratio=2)), ("roi_pool", {}),
-                                  ("ps_roi_align", dict(sampling_ratio=2)), ("ps_roi_pool", {}))):
+                                  ("ps_roi_align", dict(sampling_ratio=2)), ("ps_roi_pool", {}),
+                                  ("roi_align_rotated", dict(sampling_ratio=2)))):
         for dtype, c in (("float32", 8), ("float32", 3), ("bfloat16", 8)):
             case = dict(name=op, op=op, kw=kw, levels=[(5, 7)], dtype=dtype, channels=c, boxes=3, output=(2, 2))
             build, args = _make_case(case, seed=i)
@@ -761,6 +787,33 @@ def _time_position_sensitive(dev, has_tv):
     return rows
 
 
+# A rotated box head: (images, H, W, C, boxes per image, output, sampling ratio, scale).
+ROTATED_WORKLOAD = (2, 50, 68, 256, 512, 7, 2, 1 / 16)
+
+
+def _time_rotated(dev):
+    """One row: roi_align_rotated on ROTATED_WORKLOAD, random angles (no torchvision op)."""
+    import jax
+    import numpy as np
+
+    import jax_roi
+
+    b, h, w, c, per, out, sr, scale = ROTATED_WORKLOAD
+    rng = np.random.default_rng(2)
+    feats = rng.standard_normal((b, h, w, c)).astype(np.float32)
+    img_h, img_w = h / scale, w / scale
+    rois = np.concatenate([np.stack([np.full(per, i), rng.uniform(0, img_w, per), rng.uniform(0, img_h, per),
+                                     rng.uniform(8, 8 + 0.4 * img_w, per), rng.uniform(8, 8 + 0.4 * img_h, per),
+                                     rng.uniform(-180, 180, per)], axis=1) for i in range(b)]).astype(np.float32)
+    cot = rng.standard_normal((rois.shape[0], out, out, c)).astype(np.float32)
+    x, r, g = jax.device_put((feats, rois, cot), dev)
+    row = {"workload": "rotated-box-head/roi_align_rotated", "K": rois.shape[0]}
+    _time_paths(row, lambda x, r, impl, det: jax_roi.roi_align_rotated(
+        x, r, out, spatial_scale=scale, sampling_ratio=sr, implementation=impl, deterministic=det), x, r, g)
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def stage_timing(result, dry_run):
     import jax
     import jax.numpy as jnp
@@ -838,10 +891,11 @@ def stage_timing(result, dry_run):
         rows.append(row)
     result["workloads"] = rows
     result["position_sensitive"] = _time_position_sensitive(dev, has_tv)
+    result["rotated"] = _time_rotated(dev)
     parts = [f"{r['workload']}: ffi fwd {r['ffi_fwd_ms']} ms" +
              (f" ({r['ffi_fwd_fraction_of_copy']:.0%} of copy bw)" if "ffi_fwd_fraction_of_copy" in r else "") +
              (f", tv {r['torchvision_fwd_ms']} ms" if "torchvision_fwd_ms" in r else "")
-             for r in rows + result["position_sensitive"]]
+             for r in rows + result["position_sensitive"] + result["rotated"]]
     result["summary"] = "; ".join(parts)
 
 if __name__ == "__main__":

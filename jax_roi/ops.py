@@ -270,7 +270,7 @@ def ps_roi_pool(features, boxes, output_size, *, spatial_scale=1.0, data_format=
 
 
 def roi_align_rotated(features, boxes, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
-                      data_format="NHWC", implementation=None):
+                      data_format="NHWC", implementation=None, deterministic=False):
     r"""Rotated RoIAlign (oriented boxes), detectron2's ``ROIAlignRotated``.
 
     A box ``(x_ctr, y_ctr, w, h, angle)`` in image pixels, ``angle`` in degrees
@@ -294,23 +294,33 @@ def roi_align_rotated(features, boxes, output_size, *, spatial_scale=1.0, sampli
         boxes whose leading axes match the features'. A batch index outside ``[0, B)`` or a
         non-finite number gives zeros and no gradient.
       output_size, spatial_scale, sampling_ratio, aligned, data_format: as :func:`roi_align`.
-      implementation: ``None`` or ``"xla"``: the pure-JAX path (no kernels yet).
+      implementation: ``None`` (the kernels where built for the default platform, else
+        pure JAX), ``"xla"`` (pure JAX, every platform) or ``"ffi"`` (the CPU and CUDA
+        kernels).
+      deterministic: as :func:`roi_align`: bitwise-reproducible feature gradients on the
+        CUDA kernels (a gather backward instead of atomics, slower); the CPU kernels are
+        deterministic anyway.
 
     Returns:
       ``[K, oh, ow, C]`` for rois, ``[..., R, oh, ow, C]`` for per-image boxes (channels
       before ``oh, ow`` for NCHW), in the features' dtype. Differentiable in the features and
-      in all five box numbers.
+      in all five box numbers, on both paths.
     """
     size = _inputs.output_size_pair(output_size)
     spatial_scale = _inputs.static_float("spatial_scale", spatial_scale)
     sampling_ratio = _inputs.sampling_ratio(sampling_ratio)
     aligned = _inputs.static_bool("aligned", aligned)
-    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
-    if implementation == "ffi":
-        raise ValueError("implementation: expected None or 'xla' for roi_align_rotated (it has no kernels), "
-                         "got 'ffi'")
-    from jax_roi.xla import rotated
-
+    impl, extra = _implementation(implementation, deterministic)
     canon = _inputs.canonicalize(features, boxes, data_format, coords=5)
-    return canon.apply(functools.partial(rotated.roi_align_rotated, output_size=size, spatial_scale=spatial_scale,
-                                         sampling_ratio=sampling_ratio, aligned=aligned), fold=True)
+    if impl is _xla:
+        from jax_roi.xla import rotated
+
+        # One call on all boxes (fold): the pure-JAX path picks its sample window from the
+        # largest box present, which a vmap over images would evaluate for every choice.
+        return canon.apply(functools.partial(rotated.roi_align_rotated, output_size=size,
+                                             spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                                             aligned=aligned), fold=True)
+    # The kernels: per-image boxes as a vmap over images, which the kernel primitives fold
+    # back into one call (and a batch-sharded jit keeps on each device's images).
+    return canon.apply(functools.partial(impl.roi_align_rotated, output_size=size, spatial_scale=spatial_scale,
+                                         sampling_ratio=sampling_ratio, aligned=aligned, **extra))

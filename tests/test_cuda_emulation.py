@@ -390,3 +390,106 @@ def test_position_sensitive_deterministic_is_bitwise_reproducible():
                 assert np.array_equal(np.asarray(u), np.asarray(v))
         with pytest.raises(Exception, match="attribute"):  # the CUDA backward wants `deterministic`
             _ps_bwd(EMU, op, cot, rois, x, attrs, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# roi_align_rotated (rois [K, 6]: batch, x_ctr, y_ctr, w, h, angle)
+# ---------------------------------------------------------------------------------------
+
+def _rotated_rois(rng, num_images, h, w, count, dtype):
+    """Random centres, sizes and angles (scale 0.5: image pixels are twice the map's), then
+    the edge boxes: empty, negative, padding, out of the batch, NaN, inf angle, and a box
+    wider than the kernels' sample window (adaptive: a windowed bin)."""
+    cx, cy = rng.uniform(-0.4 * w, 2.4 * w, count), rng.uniform(-0.4 * h, 2.4 * h, count)
+    size_w, size_h = rng.uniform(0.5, 1.8 * w, count), rng.uniform(0.5, 1.8 * h, count)
+    rois = np.stack([rng.integers(0, num_images, count), cx, cy, size_w, size_h, rng.uniform(-180, 180, count)], 1)
+    c = (w, h)
+    edge = np.array([[0, *c, 0, 0, 30], [0, *c, -3, 2, 45], [-1, *c, 4, 4, 10], [num_images, *c, 4, 4, 10],
+                     [0, np.nan, c[1], 4, 4, 0], [0, *c, 4, 4, np.inf], [0, *c, 40 * (w + h), 3, 25]])
+    return jnp.asarray(np.concatenate([rois, edge]), _acc(dtype))
+
+
+def _rot_attrs(scale, sampling_ratio, aligned):
+    return dict(spatial_scale=np.float64(scale), sampling_ratio=np.int64(sampling_ratio), aligned=np.int64(aligned))
+
+
+def _rot_fwd(prefix, rois, x, out_hw, attrs):
+    out = jax.ShapeDtypeStruct((rois.shape[0],) + out_hw + (x.shape[-1],), x.dtype)
+    return jax.ffi.ffi_call(prefix + "roi_align_rotated_fwd", out)(rois, x, **attrs)
+
+
+def _rot_bwd(prefix, cot, rois, x, attrs, out_images, rois_grad, deterministic=None):
+    """(d_rois, d_features)."""
+    outs = [jax.ShapeDtypeStruct(rois.shape, rois.dtype),
+            jax.ShapeDtypeStruct((out_images,) + x.shape[1:], _acc(x.dtype))]
+    extra = {} if deterministic is None else dict(deterministic=np.int64(deterministic))
+    return jax.ffi.ffi_call(prefix + "roi_align_rotated_bwd", outs)(cot, rois, x, rois_grad=np.int64(rois_grad),
+                                                                    **attrs, **extra)
+
+
+# (B, H, W), output size, sampling_ratio, aligned: a one-pixel map, a map larger than one
+# 8 x 8 gather tile, fixed and adaptive sampling, legacy boxes.
+ROTATED_CASES = [((2, 7, 9), (3, 2), 2, 1), ((1, 1, 1), (2, 2), 0, 0), ((2, 12, 17), (2, 3), -1, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_roi_align_rotated(dtype):
+    """Emulated against the CPU kernels on random angles and the edge boxes: forward, feature
+    gradient in both backward modes, box gradient (all five numbers) asked for or not, a
+    vmapped call's folded images (2B); channel counts on and off the vector width."""
+    rng = np.random.default_rng(_seed(("roi_align_rotated", jnp.dtype(dtype).name)))
+    for (b, h, w), out_hw, sr, aligned in ROTATED_CASES:
+        for c in (1, VEC[dtype] + 1):
+            x = _features(rng, (b, h, w, c), dtype)
+            rois = _rotated_rois(rng, b, h, w, 5, dtype)
+            attrs = _rot_attrs(0.5, sr, aligned)
+            what = f"C={c} {(b, h, w)} {out_hw} sr={sr} aligned={aligned}"
+            want = _rot_fwd(CPU, rois, x, out_hw, attrs)
+            _close(_rot_fwd(EMU, rois, x, out_hw, attrs), want, dtype, f"forward {what}")
+            assert np.any(np.asarray(want, np.float64)), what  # the boxes read the map
+            cot = _features(rng, want.shape, dtype)
+            for out_images in (b, 2 * b):
+                for rois_grad in (0, 1):
+                    want_r, want_d = _rot_bwd(CPU, cot, rois, x, attrs, out_images, rois_grad)
+                    for det in (0, 1):
+                        got_r, got_d = _rot_bwd(EMU, cot, rois, x, attrs, out_images, rois_grad, det)
+                        how = f"{what} deterministic={det} rois_grad={rois_grad} images={out_images}"
+                        _close(got_d, want_d, _acc(dtype), f"d_features {how}")
+                        _close(got_r, want_r, _acc(dtype), f"d_rois {how}")
+                        assert rois_grad or not np.any(np.asarray(got_r)), how
+
+
+def test_roi_align_rotated_large_channels_no_rois_and_determinism():
+    """Channels past one block's 256 and one gather chunk (128 float32, 64 float64); K = 0;
+    the deterministic backward bitwise reproducible, and the CUDA backward wants
+    `deterministic`."""
+    rng = np.random.default_rng(14)
+    for dtype, c in ((jnp.float32, 300), (jnp.float64, 70)):
+        x = _features(rng, (1, 5, 6, c), dtype)
+        rois = _rotated_rois(rng, 1, 5, 6, 3, dtype)
+        attrs = _rot_attrs(0.5, 2, 1)
+        want = _rot_fwd(CPU, rois, x, (2, 2), attrs)
+        _close(_rot_fwd(EMU, rois, x, (2, 2), attrs), want, dtype, f"forward C={c}")
+        cot = _features(rng, want.shape, dtype)
+        want_r, want_d = _rot_bwd(CPU, cot, rois, x, attrs, 1, 1)
+        for det in (0, 1):
+            got_r, got_d = _rot_bwd(EMU, cot, rois, x, attrs, 1, 1, det)
+            _close(got_d, want_d, _acc(dtype), f"d_features C={c} deterministic={det}")
+            _close(got_r, want_r, _acc(dtype), f"d_rois C={c} deterministic={det}")
+    x = _features(rng, (2, 5, 6, 4), jnp.float32)
+    none = jnp.zeros((0, 6), jnp.float32)
+    attrs = _rot_attrs(1.0, -1, 1)
+    assert _rot_fwd(EMU, none, x, (2, 2), attrs).shape == (0, 2, 2, 4)
+    for det in (0, 1):
+        _, d = _rot_bwd(EMU, jnp.zeros((0, 2, 2, 4), jnp.float32), none, x, attrs, 2, 1, det)
+        assert d.shape == x.shape and not np.any(np.asarray(d))
+    x = _features(rng, (2, 9, 11, 12), jnp.float32)
+    rois = _rotated_rois(rng, 2, 9, 11, 12, jnp.float32)
+    cot = _features(rng, (rois.shape[0], 2, 2, 12), jnp.float32)
+    a = _rot_bwd(EMU, cot, rois, x, attrs, 2, 1, 1)
+    b = _rot_bwd(EMU, cot, rois, x, attrs, 2, 1, 1)
+    for u, v in zip(a, b):
+        assert np.array_equal(np.asarray(u), np.asarray(v))
+    assert np.any(np.asarray(a[1]))
+    with pytest.raises(Exception, match="attribute"):
+        _rot_bwd(EMU, cot, rois, x, attrs, 2, 1)

@@ -4,7 +4,7 @@
 // Target names (the same on every platform; the platform is given at registration):
 //   jax_roi_roi_align_fwd, jax_roi_roi_align_bwd, jax_roi_roi_pool_fwd, jax_roi_roi_pool_bwd,
 //   jax_roi_ps_roi_align_fwd, jax_roi_ps_roi_align_bwd, jax_roi_ps_roi_pool_fwd,
-//   jax_roi_ps_roi_pool_bwd
+//   jax_roi_ps_roi_pool_bwd, jax_roi_roi_align_rotated_fwd, jax_roi_roi_align_rotated_bwd
 #include <pybind11/pybind11.h>
 
 #include "common/roi_limits.h"
@@ -21,6 +21,8 @@ XLA_FFI_Error* JaxRoiPsAlignForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsAlignBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsPoolForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsPoolBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignRotatedForwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignRotatedBackwardCudaEmulated(XLA_FFI_CallFrame* call_frame);
 }
 
 #ifdef JAX_ROI_WITH_CUDA
@@ -34,6 +36,8 @@ XLA_FFI_Error* JaxRoiPsAlignForwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsAlignBackwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsPoolForwardCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsPoolBackwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignRotatedForwardCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignRotatedBackwardCuda(XLA_FFI_CallFrame* call_frame);
 }
 #endif
 
@@ -62,6 +66,8 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCpu);
     d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCpu);
     d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCpu);
+    d["jax_roi_roi_align_rotated_fwd"] = Capsule(JaxRoiAlignRotatedForwardCpu);
+    d["jax_roi_roi_align_rotated_bwd"] = Capsule(JaxRoiAlignRotatedBackwardCpu);
     return d;
   });
   // Which variant of the CPU channel loops runs: "avx2+fma" or "baseline" (SSE2 / NEON;
@@ -80,6 +86,8 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCuda);
     d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCuda);
     d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCuda);
+    d["jax_roi_roi_align_rotated_fwd"] = Capsule(JaxRoiAlignRotatedForwardCuda);
+    d["jax_roi_roi_align_rotated_bwd"] = Capsule(JaxRoiAlignRotatedBackwardCuda);
     return d;
   });
   m.attr("has_cuda") = true;
@@ -100,6 +108,8 @@ PYBIND11_MODULE(_ext, m) {
     d["jax_roi_ps_roi_align_bwd"] = Capsule(JaxRoiPsAlignBackwardCudaEmulated);
     d["jax_roi_ps_roi_pool_fwd"] = Capsule(JaxRoiPsPoolForwardCudaEmulated);
     d["jax_roi_ps_roi_pool_bwd"] = Capsule(JaxRoiPsPoolBackwardCudaEmulated);
+    d["jax_roi_roi_align_rotated_fwd"] = Capsule(JaxRoiAlignRotatedForwardCudaEmulated);
+    d["jax_roi_roi_align_rotated_bwd"] = Capsule(JaxRoiAlignRotatedBackwardCudaEmulated);
     return d;
   });
   // The attribute limits every handler checks (roi_limits.h), so that Python's own checks
@@ -112,6 +122,6 @@ PYBIND11_MODULE(_ext, m) {
     m.attr("limits") = limits;
   }
   // Bumped whenever a target's operands or attributes change, or targets are added (2: the
-// position-sensitive ops); the Python side checks it.
-  m.attr("abi_version") = 2;
+  // position-sensitive ops; 3: roi_align_rotated); the Python side checks it.
+  m.attr("abi_version") = 3;
 }

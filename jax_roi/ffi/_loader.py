@@ -29,7 +29,7 @@ import threading
 import jax
 
 # The operand/attribute layout the Python side speaks (module.cc's abi_version).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict = {}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jax_roi import xla as _xla
 from jax_roi.ffi.targets import OpConfig
-from jax_roi.xla import position_sensitive
+from jax_roi.xla import position_sensitive, rotated
 from jax_roi.xla.contraction import accumulation_dtype  # one rule for every path
 
 
@@ -22,6 +22,9 @@ def forward(cfg: OpConfig, rois, level, features):
     if cfg.kind == "ps_align":
         return position_sensitive.ps_roi_align(features[0], rois, cfg.output_size, spatial_scale=cfg.scales[0],
                                                sampling_ratio=cfg.sampling_ratio)
+    if cfg.kind == "rotated":
+        return rotated.roi_align_rotated(features[0], rois, cfg.output_size, spatial_scale=cfg.scales[0],
+                                         sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned)
     if cfg.kind == "ps_pool":
         return position_sensitive.ps_roi_pool(features[0], rois, cfg.output_size, spatial_scale=cfg.scales[0])
     if cfg.kind == "pool":

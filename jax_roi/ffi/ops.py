@@ -1,9 +1,10 @@
 """Canonical-form ops on the XLA FFI kernels (same signatures and results as ``jax_roi.xla``).
 
 Inputs are canonical and already checked by ``jax_roi._inputs`` (``features [B, H, W, C]``,
-``rois [K, 5]`` in the coordinate dtype, static attributes as Python values). Each op binds
-the forward kernel primitive (``primitives``); its batching (``batching``) and derivatives
-(``differentiation``) are rules of the primitives, so every JAX transform composes.
+``rois [K, 5]`` (``[K, 6]`` for rotated boxes) in the coordinate dtype, static attributes as
+Python values). Each op binds the forward kernel primitive (``primitives``); its batching
+(``batching``) and derivatives (``differentiation``) are rules of the primitives, so every
+JAX transform composes.
 """
 
 from __future__ import annotations
@@ -74,4 +75,16 @@ def ps_roi_pool(features, rois, output_size, *, spatial_scale=1.0, deterministic
     as ``jax_roi.xla.position_sensitive.ps_roi_pool``."""
     _ensure_loaded()
     cfg = OpConfig("ps_pool", output_size, (spatial_scale,), deterministic=deterministic)
+    return primitives.forward(rois, _single_level(rois), (features,), cfg=cfg)
+
+
+def roi_align_rotated(features, rois, output_size, *, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+                      deterministic=False):
+    """Canonical-form rotated RoIAlign on the kernels: ``features [B, H, W, C]``, ``rois
+    [K, 6]`` ``(batch, x_ctr, y_ctr, w, h, angle)`` -> ``[K, oh, ow, C]``, as
+    ``jax_roi.xla.rotated.roi_align_rotated``. Differentiable in features and all five box
+    numbers; ``deterministic`` as :func:`roi_align`."""
+    _ensure_loaded()
+    cfg = OpConfig("rotated", output_size, (spatial_scale,), sampling_ratio=sampling_ratio, aligned=aligned,
+                   deterministic=deterministic)
     return primitives.forward(rois, _single_level(rois), (features,), cfg=cfg)

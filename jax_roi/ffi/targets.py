@@ -20,6 +20,11 @@ features) -> d_features``: attributes ``spatial_scale`` (f64), ``binning`` (0 ca
 ``jax_roi_ps_roi_pool_fwd(rois, features) -> out``, ``jax_roi_ps_roi_pool_bwd(cot, rois,
 features) -> d_features``: attribute ``spatial_scale``. Both position-sensitive backwards
 write ``m*B`` gradient images as roi_align's.
+``jax_roi_roi_align_rotated_fwd(rois [K, 6], features) -> out [K, oh, ow, C]``,
+``jax_roi_roi_align_rotated_bwd(cot, rois, features) -> (d_rois [K, 6], d_features)``:
+rois ``(batch, x_ctr, y_ctr, w, h, angle)``, attributes ``spatial_scale`` (f64),
+``sampling_ratio``, ``aligned`` and on the backward ``rois_grad``; ``m*B`` gradient images
+as roi_align's.
 
 The CUDA backward targets (and their host emulation) take one more attribute,
 ``deterministic`` (int64): 0 scatters the feature gradient with atomics, 1 gathers it per
@@ -34,9 +39,11 @@ import dataclasses
 import numpy as np
 
 FORWARD = {"align": "jax_roi_roi_align_fwd", "pool": "jax_roi_roi_pool_fwd",
-           "ps_align": "jax_roi_ps_roi_align_fwd", "ps_pool": "jax_roi_ps_roi_pool_fwd"}
+           "ps_align": "jax_roi_ps_roi_align_fwd", "ps_pool": "jax_roi_ps_roi_pool_fwd",
+           "rotated": "jax_roi_roi_align_rotated_fwd"}
 BACKWARD = {"align": "jax_roi_roi_align_bwd", "pool": "jax_roi_roi_pool_bwd",
-            "ps_align": "jax_roi_ps_roi_align_bwd", "ps_pool": "jax_roi_ps_roi_pool_bwd"}
+            "ps_align": "jax_roi_ps_roi_align_bwd", "ps_pool": "jax_roi_ps_roi_pool_bwd",
+            "rotated": "jax_roi_roi_align_rotated_bwd"}
 
 _REDUCTIONS = {"avg": 0, "max": 1}
 _BINNINGS = {"caffe": 0, "floor": 1}
@@ -49,7 +56,7 @@ class OpConfig:
     ``kind`` is ``"align"`` (RoIAlign, RoIWarp with ``quantize``, and the multi-level
     form, one scale per level), ``"pool"`` (RoIPool, one scale), ``"ps_align"`` or
     ``"ps_pool"`` (the position-sensitive ops, one scale: ``C_out = C / (oh*ow)`` output
-    channels)."""
+    channels), ``"rotated"`` (rotated RoIAlign, one scale, ``[K, 6]`` rois)."""
 
     kind: str
     output_size: tuple[int, int]
@@ -74,20 +81,20 @@ class OpConfig:
 
     @property
     def linear_in_features(self) -> bool:
-        """Average RoIAlign / RoIWarp and both position-sensitive ops (averages): the forward
-        kernel is also the features' tangent."""
-        return (self.kind == "align" and self.reduction == "avg") or self.position_sensitive
+        """Average RoIAlign / RoIWarp, both position-sensitive ops and rotated RoIAlign
+        (averages): the forward kernel is also the features' tangent."""
+        return (self.kind == "align" and self.reduction == "avg") or self.position_sensitive or self.kind == "rotated"
 
     @property
     def has_box_gradient(self) -> bool:
         """RoIWarp's rounding and RoIPool's (and ps_roi_pool's) whole cells are flat in the
         boxes."""
-        return (self.kind == "align" and not self.quantize) or self.kind == "ps_align"
+        return (self.kind == "align" and not self.quantize) or self.kind in ("ps_align", "rotated")
 
     @property
     def backward_returns_rois(self) -> bool:
         """Whether the backward target has a ``d_rois`` result (the ops with box gradients)."""
-        return self.kind in ("align", "ps_align")
+        return self.kind in ("align", "ps_align", "rotated")
 
 
 def operands(cfg: OpConfig, rois, level, features):
@@ -107,6 +114,11 @@ def attributes(cfg: OpConfig, *, backward: bool, rois_grad: bool = False, device
             attrs["rois_grad"] = np.int64(bool(rois_grad))
     elif cfg.kind == "ps_align":
         attrs = dict(spatial_scale=np.float64(cfg.scales[0]), sampling_ratio=np.int64(cfg.sampling_ratio))
+        if backward:
+            attrs["rois_grad"] = np.int64(bool(rois_grad))
+    elif cfg.kind == "rotated":
+        attrs = dict(spatial_scale=np.float64(cfg.scales[0]), sampling_ratio=np.int64(cfg.sampling_ratio),
+                     aligned=np.int64(cfg.aligned))
         if backward:
             attrs["rois_grad"] = np.int64(bool(rois_grad))
     elif cfg.kind == "ps_pool":

@@ -82,11 +82,13 @@ inline ffi::Error CheckFeatureDtype(const char* op, ffi::DataType dtype) {
   return ffi::Error::Success();
 }
 
+// rois [K, width] (5: boxes, 6: rotated boxes) in the coordinate dtype of the features.
 inline ffi::Error CheckRois(const ffi::AnyBuffer& rois, ffi::DataType feature_dtype, const char* op,
-                            int64_t* num_rois) {
+                            int64_t* num_rois, int64_t width = 5) {
   auto d = rois.dimensions();
-  if (d.size() != 2 || d[1] != 5) {
-    return Invalid(std::string(op) + ": rois: expected shape [K, 5], got " + ShapeString(d));
+  if (d.size() != 2 || d[1] != width) {
+    return Invalid(std::string(op) + ": rois: expected shape [K, " + std::to_string(width) + "], got " +
+                   ShapeString(d));
   }
   if (rois.element_type() != CoordType(feature_dtype)) {
     return Invalid(std::string(op) + ": rois: expected dtype " + DtypeName(CoordType(feature_dtype)) + " for " +
@@ -250,11 +252,12 @@ inline ffi::Error CheckFeatureGradient(const char* op, const ffi::AnyBuffer& d, 
   return ffi::Error::Success();
 }
 
-// A cotangent [K, oh, ow, C] of the features' dtype (oh, ow >= 1).
-inline ffi::Error CheckCotangent(const char* op, const ffi::AnyBuffer& cot, int64_t K, int64_t C, ffi::DataType dtype) {
+// A cotangent (or, `what`, an output) [K, oh, ow, C] of the features' dtype (oh, ow >= 1).
+inline ffi::Error CheckCotangent(const char* op, const ffi::AnyBuffer& cot, int64_t K, int64_t C, ffi::DataType dtype,
+                                 const char* what = "cotangent") {
   auto cd = cot.dimensions();
   if (cd.size() != 4 || cd[0] != K || cd[1] < 1 || cd[2] < 1 || cd[3] != C || cot.element_type() != dtype) {
-    return Invalid(std::string(op) + ": cotangent: expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
+    return Invalid(std::string(op) + ": " + what + ": expected " + DtypeName(dtype) + " [K=" + std::to_string(K) +
                    ", oh, ow, C=" + std::to_string(C) + "], got " + DtypeName(cot.element_type()) + " " +
                    ShapeString(cd));
   }

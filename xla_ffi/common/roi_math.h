@@ -106,11 +106,12 @@ ROI_HD inline uint16_t float_to_half(float f) {
 // Boxes
 // ---------------------------------------------------------------------------------------
 
-// The image a roi reads, or -1 when the roi is dead: a non-finite coordinate, or a batch
-// index whose truncation (torchvision's int()) falls outside [0, num_images).
+// The image a roi of `numbers` numbers (the batch index first: 5 for a box, 6 for a rotated
+// box) reads, or -1 when the roi is dead: a non-finite number, or a batch index whose
+// truncation (torchvision's int()) falls outside [0, num_images).
 template <typename T>
-ROI_HD inline int64_t roi_batch_index(const T* roi, int64_t num_images) {
-  for (int j = 0; j < 5; ++j) {
+ROI_HD inline int64_t roi_batch_index(const T* roi, int64_t num_images, int numbers = 5) {
+  for (int j = 0; j < numbers; ++j) {
     if (!roi_finite(roi[j])) return -1;
   }
   const T b = roi[0];

@@ -14,6 +14,8 @@ XLA_FFI_Error* JaxRoiPsAlignForwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsAlignBackwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsPoolForwardCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxRoiPsPoolBackwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignRotatedForwardCpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxRoiAlignRotatedBackwardCpu(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace jax_roi {

@@ -146,24 +146,24 @@ ROI_HDI int block_compact(const Block& blk, const PerThread<Block, int>& flag, P
 
 // ---------------------------------------------------------------------------------------
 // The box gradient of one roi, reduced over a block. Called block-uniformly: sums v[q]
-// (q < 4: x1, y1, x2, y2) over the block's threads in a fixed order (shuffles within each
-// warp, then the warps in order: deterministic) and writes the totals to d_roi[1 + q]
-// (d_roi[0], the batch index, gets 0). `red`: shared memory of 4 doubles per warp
-// (box_gradient_shared_bytes).
+// (q < N: the box's numbers after the batch index; x1, y1, x2, y2 for a box) over the
+// block's threads in a fixed order (shuffles within each warp, then the warps in order:
+// deterministic) and writes the totals to d_roi[1 + q] (d_roi[0], the batch index, gets
+// 0). `red`: shared memory of N doubles per warp (box_gradient_shared_bytes).
 // ---------------------------------------------------------------------------------------
-ROI_HDI size_t box_gradient_shared_bytes(int threads) {
-  return 4 * sizeof(double) * static_cast<size_t>(threads / kWarpSize);
+ROI_HDI size_t box_gradient_shared_bytes(int threads, int numbers = 4) {
+  return numbers * sizeof(double) * static_cast<size_t>(threads / kWarpSize);
 }
 
-template <typename Block, typename A>
-ROI_HDI void block_box_gradient(const Block& blk, PerThread<Block, double> (&v)[4], double* red, A* d_roi) {
+template <int N, typename Block, typename A>
+ROI_HDI void block_box_gradient(const Block& blk, PerThread<Block, double> (&v)[N], double* red, A* d_roi) {
   const Dim3 bd = blk.block_dim();
   const int warps = static_cast<int>(bd.x * bd.y) / kWarpSize;
   PerThread<Block, double> shifted;
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < N; ++q) {
       blk.shfl_down(v[q], shifted, off);
       blk.each_thread([&](const Thread& t) { v[q][t] += shifted[t]; });
     }
@@ -171,19 +171,21 @@ ROI_HDI void block_box_gradient(const Block& blk, PerThread<Block, double> (&v)[
   blk.each_thread([&](const Thread& t) {
     if (t.lane() != 0) return;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) red[q * warps + t.warp()] = v[q][t];
+    for (int q = 0; q < N; ++q) red[q * warps + t.warp()] = v[q][t];
   });
   blk.sync();
   blk.each_thread([&](const Thread& t) {
     if (t.linear() != 0) return;
-    double tot[4] = {0, 0, 0, 0};
+    double tot[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) tot[q] = 0;
     for (int w = 0; w < warps; ++w) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) tot[q] += red[q * warps + w];
+      for (int q = 0; q < N; ++q) tot[q] += red[q * warps + w];
     }
     d_roi[0] = A(0);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) d_roi[1 + q] = static_cast<A>(tot[q]);
+    for (int q = 0; q < N; ++q) d_roi[1 + q] = static_cast<A>(tot[q]);
   });
   blk.sync();  // red is reused by the next roi
 }
