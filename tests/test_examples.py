@@ -192,3 +192,29 @@ def test_bilinear_neighbours_weights():
     assert figures.bilinear_neighbours(-1.0, 3.0, (8, 8)) == []  # outside [-1, W] after the shift
     edge = figures.bilinear_neighbours(7.9, 7.9, (8, 8))  # past the last centre: clamped to one cell
     assert edge == [((7, 7), 1.0)]
+
+
+def _readme_use_blocks():
+    """The Python blocks of README.md's "Use" section, in order."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
+    with open(readme) as fh:
+        text = fh.read()
+    section = text[text.index("\n## Use\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return [block.split("\n```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_use_snippets_run(capsys):
+    """The README's usage snippets (RoIAlign, the R-FCN ps_roi_align, the oriented boxes) run
+    as written, in one namespace, and print the shapes their comments say."""
+    import re
+
+    blocks = _readme_use_blocks()
+    assert len(blocks) == 3 and "ps_roi_align" in blocks[1] and "roi_align_rotated" in blocks[2]
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    printed = capsys.readouterr().out.split()
+    said = re.findall(r"print\(.*\)\s+# (\([0-9, ]+\))", "\n".join(blocks))
+    assert len(said) == 4
+    assert " ".join(printed) == " ".join(said)
