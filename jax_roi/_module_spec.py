@@ -38,6 +38,8 @@ class OpSpec:
     attrs: tuple
     levels: bool = False  # the features are a sequence of pyramid levels
     example: str = ""
+    example_title: str = "a box head"
+    box_forms: str = "``[K, 5]`` rois or ``[B, R, 4]``"  # what ``__call__`` documents for ``boxes``
 
     def names(self):
         return [a.name for a in self.attrs]
@@ -78,6 +80,13 @@ _RFCN = """
     x = {pool}(scores, boxes)                              # [B, R, 7, 7, num_classes]
     class_scores = x.mean(axis=(-3, -2))"""
 
+_ORIENTED_HEAD = """
+    # boxes [B, R, 5]: (x_ctr, y_ctr, w, h, angle) in image pixels, angle in degrees,
+    # counter-clockwise as drawn (y down); each box's 7 x 7 grid follows its rotation
+    x = {pool}(features, boxes)   # [B, R, 7, 7, C]
+    x = relu(Dense(1024)(x.reshape(x.shape[:-3] + (-1,))))
+    scores, deltas = Dense(num_classes)(x), Dense(5 * num_classes)(x)   # (dx, dy, dw, dh, da)"""
+
 SPECS = {
     "RoIAlign": OpSpec(
         "RoIAlign", ops.roi_align, "RoIAlign (Mask R-CNN): :func:`jax_roi.roi_align`",
@@ -115,12 +124,24 @@ SPECS = {
         "PSRoIAlign", ops.ps_roi_align,
         "Position-sensitive RoIAlign (R-FCN): :func:`jax_roi.ps_roi_align`",
         (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC, _DTYPE),
-        example=_RFCN.format(pool="PSRoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)")),
+        example=_RFCN.format(pool="PSRoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)"),
+        example_title="an R-FCN head"),
     "PSRoIPool": OpSpec(
         "PSRoIPool", ops.ps_roi_pool,
         "Position-sensitive RoIPool (R-FCN, the mean of whole cells): :func:`jax_roi.ps_roi_pool`",
         (_OUTPUT_SIZE, _SPATIAL_SCALE, _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC, _DTYPE),
-        example=_RFCN.format(pool="PSRoIPool(7, spatial_scale=1 / 16)")),
+        example=_RFCN.format(pool="PSRoIPool(7, spatial_scale=1 / 16)"), example_title="an R-FCN head"),
+    "RoIAlignRotated": OpSpec(
+        "RoIAlignRotated", ops.roi_align_rotated,
+        "Rotated RoIAlign (oriented boxes, detectron2's ``ROIAlignRotated``): :func:`jax_roi.roi_align_rotated`",
+        (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _ALIGNED, _DATA_FORMAT,
+         _a("implementation", None, Optional[str],
+            "``None`` (the kernels where built for this op and the platform, else pure JAX), "
+            "``\"xla\"`` or ``\"ffi\"``; passed through to the function."),
+         _DTYPE),
+        example=_ORIENTED_HEAD.format(pool="RoIAlignRotated(7, spatial_scale=1 / 16, sampling_ratio=2)"),
+        example_title="an oriented-box head",
+        box_forms="``[K, 6]`` rois ``(batch_index, x_ctr, y_ctr, w, h, angle)`` or ``[B, R, 5]``"),
 }
 
 
@@ -158,5 +179,12 @@ def docstring(spec: OpSpec, flavour: str) -> str:
     for a in spec.attrs:
         lines.append(f"  {a.name}: {a.doc}")
     if spec.example:
-        lines += ["", "Example, a box head::", spec.example]
+        lines += ["", f"Example, {spec.example_title}::", spec.example]
     return "\n".join(lines) + "\n"
+
+
+def call_docstring(spec: OpSpec) -> str:
+    """The generated ``__call__`` docstring."""
+    levels = " (a sequence of levels, finest first)" if spec.levels else ""
+    return (f"``features`` ``[B, H, W, C]``{levels} with ``boxes`` {spec.box_forms}; "
+            "see the function.")

@@ -1,5 +1,5 @@
 """``flax.linen`` modules for the jax_roi ops: ``RoIAlign``, ``RoIWarp``, ``RoIPool``,
-``MultiScaleRoIAlign``, ``PSRoIAlign`` and ``PSRoIPool``.
+``MultiScaleRoIAlign``, ``PSRoIAlign``, ``PSRoIPool`` and ``RoIAlignRotated``.
 
 Each module is a thin, stateless wrapper (no parameters, no variables) around the function of
 the same name in :mod:`jax_roi`: its attributes are the function's keyword arguments (and
@@ -34,7 +34,7 @@ import flax.linen as nn
 
 from jax_roi import _module_spec as _spec
 
-__all__ = ["MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIPool", "RoIWarp"]
+__all__ = ["MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIAlignRotated", "RoIPool", "RoIWarp"]
 
 
 def _make(spec: _spec.OpSpec) -> type:
@@ -49,9 +49,9 @@ def _make(spec: _spec.OpSpec) -> type:
     namespace["__annotations__"] = {a.name: annotations[a.name] for a in order}
 
     def __call__(self, features, boxes):
-        """``features`` ``[B, H, W, C]`` (a sequence of levels for the multi-level op) with
-        ``boxes`` ``[K, 5]`` rois or ``[B, R, 4]``; see the function."""
         return _spec.call(spec, {a.name: getattr(self, a.name) for a in spec.attrs}, features, boxes)
+
+    __call__.__doc__ = _spec.call_docstring(spec)
 
     namespace.update(__call__=__call__, __module__=__name__, __qualname__=spec.cls_name,
                      __doc__=_spec.docstring(spec, "linen"))
@@ -64,4 +64,5 @@ RoIPool = _make(_spec.SPECS["RoIPool"])
 MultiScaleRoIAlign = _make(_spec.SPECS["MultiScaleRoIAlign"])
 PSRoIAlign = _make(_spec.SPECS["PSRoIAlign"])
 PSRoIPool = _make(_spec.SPECS["PSRoIPool"])
+RoIAlignRotated = _make(_spec.SPECS["RoIAlignRotated"])
 

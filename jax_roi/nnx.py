@@ -1,5 +1,5 @@
 """``flax.nnx`` modules for the jax_roi ops: ``RoIAlign``, ``RoIWarp``, ``RoIPool``,
-``MultiScaleRoIAlign``, ``PSRoIAlign`` and ``PSRoIPool``.
+``MultiScaleRoIAlign``, ``PSRoIAlign``, ``PSRoIPool`` and ``RoIAlignRotated``.
 
 Each module is a thin, stateless wrapper (no ``nnx.Param``, no ``nnx.Variable``) around the
 function of the same name in :mod:`jax_roi`: the constructor takes ``output_size``
@@ -34,7 +34,7 @@ from flax import nnx
 
 from jax_roi import _module_spec as _spec
 
-__all__ = ["MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIPool", "RoIWarp"]
+__all__ = ["MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIAlignRotated", "RoIPool", "RoIWarp"]
 
 
 def _make(spec: _spec.OpSpec) -> type:
@@ -56,9 +56,9 @@ def _make(spec: _spec.OpSpec) -> type:
     __init__.__qualname__ = f"{spec.cls_name}.__init__"
 
     def __call__(self, features, boxes):
-        """``features`` ``[B, H, W, C]`` (a sequence of levels for the multi-level op) with
-        ``boxes`` ``[K, 5]`` rois or ``[B, R, 4]``; see the function."""
         return _spec.call(spec, {a.name: getattr(self, a.name) for a in spec.attrs}, features, boxes)
+
+    __call__.__doc__ = _spec.call_docstring(spec)
 
     __call__.__qualname__ = f"{spec.cls_name}.__call__"
     namespace = dict(__init__=__init__, __call__=__call__, __module__=__name__, __qualname__=spec.cls_name,
@@ -74,3 +74,4 @@ RoIPool = _make(_spec.SPECS["RoIPool"])
 MultiScaleRoIAlign = _make(_spec.SPECS["MultiScaleRoIAlign"])
 PSRoIAlign = _make(_spec.SPECS["PSRoIAlign"])
 PSRoIPool = _make(_spec.SPECS["PSRoIPool"])
+RoIAlignRotated = _make(_spec.SPECS["RoIAlignRotated"])

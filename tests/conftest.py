@@ -63,6 +63,26 @@ def built_implementations():
 IMPLEMENTATIONS = built_implementations()
 
 
+def rotated_implementations():
+    """The built paths that take roi_align_rotated: pure JAX, and the kernels once this build
+    has rotated ones (an op without kernels refuses ``implementation="ffi"``)."""
+    import jax_roi
+
+    paths = ["xla"]
+    if "ffi" in IMPLEMENTATIONS:
+        try:
+            jax.eval_shape(lambda f, r: jax_roi.roi_align_rotated(f, r, 1, implementation="ffi"),
+                           jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 6)))
+        except (ValueError, NotImplementedError):
+            pass
+        else:
+            paths.append("ffi")
+    return paths
+
+
+ROTATED_IMPLEMENTATIONS = rotated_implementations()
+
+
 @pytest.fixture(params=IMPLEMENTATIONS)
 def implementation(request):
     return request.param
@@ -178,10 +198,12 @@ if os.environ.get("JAX_ROI_TEST_EAGER") != "1":
 
     import jax_roi.xla.matmul as _matmul_form
     import jax_roi.xla.position_sensitive as _position_sensitive
+    import jax_roi.xla.rotated as _rotated
 
     for _module, _names in ((_xla_path, ("roi_align", "roi_pool", "multilevel_roi_align")),
                             (_matmul_form, ("roi_align_matmul", "multilevel_roi_align_matmul")),
-                            (_position_sensitive, ("ps_roi_align", "ps_roi_pool"))):
+                            (_position_sensitive, ("ps_roi_align", "ps_roi_pool")),
+                            (_rotated, ("roi_align_rotated",))):
         for _name in _names:
             _fn = getattr(_module, _name, None)
             if _fn is not None and not hasattr(_fn, "__wrapped_eager__"):

@@ -127,3 +127,44 @@ def test_core_imports_no_tools_and_no_optional_packages():
             " or m.startswith('jax_roi.tools')]; print(bad); assert not bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bench_rows_for_the_position_sensitive_and_rotated_ops(tmp_path, monkeypatch, capsys):
+    """ps_roi_align runs on the R-FCN maps only (1029 channels, K = 1024), roi_align_rotated on
+    the single-level box-head workloads; the rotated op's torchvision peer (roi_align at
+    angle 0) is named in the output and in its JSON row."""
+    import numpy as np
+
+    from jax_roi.tools import bench
+
+    feats, rois = bench.make_inputs("rfcn")
+    assert feats[0].shape == (2, 50, 68, 21 * 7 * 7) and rois.shape == (1024, 5)
+    rotated = bench.rotated_rois(rois)
+    np.testing.assert_allclose(rotated[:, 1:5], np.stack([(rois[:, 1] + rois[:, 3]) / 2, (rois[:, 2] + rois[:, 4]) / 2,
+                                                          rois[:, 3] - rois[:, 1], rois[:, 4] - rois[:, 2]], 1),
+                               rtol=1e-6)
+    assert rotated[:, 5].min() >= -180 and rotated[:, 5].max() < 180 and rotated[:, 5].std() > 90
+    np.testing.assert_array_equal(bench.rotated_rois(rois), rotated)  # seeded
+    monkeypatch.setattr(bench, "torchvision_available", lambda: True)
+    calls = []
+
+    def child(name, op, path, repeats, timeout):
+        calls.append((name, op, path))
+        return dict(fwd_ms=3.0 if path == "xla" else 1.0, fwd_bwd_ms=6.0 if path == "xla" else 2.0,
+                    fwd_compile_ms=0.0, fwd_bwd_compile_ms=0.0, peak_rss_mb=1.0)
+
+    monkeypatch.setattr(bench, "_child", child)
+    out_json = tmp_path / "b.json"
+    assert cli.main(["bench", "--workloads", "box-head,fpn,rfcn", "--ops", "roi_align,ps_roi_align,roi_align_rotated",
+                     "--paths", "xla,torchvision", "--json", str(out_json)]) == 0
+    assert sorted(calls) == sorted([(w, o, p) for w, o in [("box-head", "roi_align"), ("box-head", "roi_align_rotated"),
+                                                           ("fpn", "roi_align"), ("rfcn", "ps_roi_align")]
+                                    for p in ("xla", "torchvision")])
+    out = capsys.readouterr().out
+    assert out.count("torchvision.ops.roi_align on the same boxes at angle 0") == 2  # before the rows, in the ratios
+    ratios = out[out.index("speed-up"):]
+    assert "rfcn               ps_roi_align          xla          torchvision    0.33x" in ratios
+    rows = json.loads(out_json.read_text())["rows"]
+    peers = {(r["workload"], r["op"], r["path"]): r.get("peer") for r in rows}
+    assert peers[("box-head", "roi_align_rotated", "torchvision")] == "torchvision.ops.roi_align at angle 0"
+    assert peers[("box-head", "roi_align", "torchvision")] is None

@@ -104,11 +104,12 @@ def test_sampling_picture(tmp_path, capsys):
     assert mod.main(["--out", str(out)]) == 0
     _check_png(out)
     text = capsys.readouterr().out
-    for method in ("roi_pool", "roi_warp", "roi_align"):
+    for method in ("roi_pool", "roi_warp", "roi_align", "roi_align_rotated"):
         assert method in text
     out2 = tmp_path / "legacy.png"
     assert mod.main(["--out", str(out2), "--box", "0.7", "2.2", "5.4", "4.9", "--output-size", "3",
-                     "--legacy", "--binning", "floor", "--sampling-ratio", "0", "--highlight", "1", "1", "0", "0"]) == 0
+                     "--legacy", "--binning", "floor", "--sampling-ratio", "0", "--highlight", "1", "1", "0", "0",
+                     "--rotated-box", "4", "4", "6", "2.5", "-60"]) == 0
     _check_png(out2)
 
 
@@ -136,6 +137,34 @@ def test_figure_geometry_matches_the_library(kw):
             figures.check_geometry(geo)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(aligned=False), dict(sampling_ratio=-1, output_size=(3, 2)),
+                                dict(spatial_scale=0.5, map_size=(6, 9))], ids=["default", "legacy", "adaptive", "scale"])
+def test_rotated_figure_geometry_matches_the_library(kw):
+    """Rotated RoIAlign's drawn samples are where the op reads (ramp maps), for oriented boxes
+    at any angle; the drawn box's corners and bins are its frame turned counter-clockwise
+    (as drawn, y down) about its centre."""
+    from jax_roi.tools import figures
+
+    rng = np.random.default_rng(4)
+    s = kw.get("spatial_scale", 1.0)
+    H, W = kw.get("map_size", (8, 8))
+    opts = {k: v for k, v in kw.items() if k != "output_size"}
+    for _ in range(4):
+        box = (rng.uniform(1, W - 1) / s, rng.uniform(1, H - 1) / s, rng.uniform(1, W) / s, rng.uniform(1, H) / s,
+               rng.uniform(-180, 180))
+        geo = figures.rotated_sampling_geometry(box, kw.get("output_size", 2), **opts)
+        figures.check_geometry(geo)
+        oh, ow = geo["output_size"]
+        assert geo["bins"].shape == (oh, ow, 4, 2) and geo["samples"].shape == (oh, ow) + geo["grid"] + (2,)
+        off = 0.5 if kw.get("aligned", True) else 0.0
+        centre = np.array([box[0] * s - off, box[1] * s - off]) + 0.5
+        np.testing.assert_allclose(geo["corners"].mean(0), centre, atol=1e-4)
+        # the box's own x axis (first corner to second) points at the angle above the screen's x axis
+        dx, dy = geo["corners"][1] - geo["corners"][0]
+        t = np.deg2rad(box[4])
+        np.testing.assert_allclose([dx, dy] / np.hypot(dx, dy), [np.cos(t), -np.sin(t)], atol=1e-4)
+
+
 def test_figure_geometry_check_catches_a_wrong_picture():
     from jax_roi.tools import figures
 
@@ -145,6 +174,10 @@ def test_figure_geometry_check_catches_a_wrong_picture():
         figures.check_geometry(geo)
     geo = figures.sampling_geometry("roi_pool", (1.6, 1.3, 6.3, 5.9), 2)
     geo["cells"] = geo["cells"] + 1
+    with pytest.raises(AssertionError):
+        figures.check_geometry(geo)
+    geo = figures.rotated_sampling_geometry((4.0, 3.7, 5.2, 3.0, 30.0), 2)
+    geo["samples"] = geo["samples"][:, :, ::-1, ::-1]  # the other turn's order (clockwise)
     with pytest.raises(AssertionError):
         figures.check_geometry(geo)
 
@@ -159,3 +192,29 @@ def test_bilinear_neighbours_weights():
     assert figures.bilinear_neighbours(-1.0, 3.0, (8, 8)) == []  # outside [-1, W] after the shift
     edge = figures.bilinear_neighbours(7.9, 7.9, (8, 8))  # past the last centre: clamped to one cell
     assert edge == [((7, 7), 1.0)]
+
+
+def _readme_use_blocks():
+    """The Python blocks of README.md's "Use" section, in order."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
+    with open(readme) as fh:
+        text = fh.read()
+    section = text[text.index("\n## Use\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return [block.split("\n```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_use_snippets_run(capsys):
+    """The README's usage snippets (RoIAlign, the R-FCN ps_roi_align, the oriented boxes) run
+    as written, in one namespace, and print the shapes their comments say."""
+    import re
+
+    blocks = _readme_use_blocks()
+    assert len(blocks) == 3 and "ps_roi_align" in blocks[1] and "roi_align_rotated" in blocks[2]
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the README's own code)
+    printed = capsys.readouterr().out.split()
+    said = re.findall(r"print\(.*\)\s+# (\([0-9, ]+\))", "\n".join(blocks))
+    assert len(said) == 4
+    assert " ".join(printed) == " ".join(said)

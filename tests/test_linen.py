@@ -200,3 +200,60 @@ def test_bad_arguments_raise_the_functions_errors():
         L.RoIPool(2, binning="round")(feats, boxes)
     with pytest.raises(ValueError, match="one scale per level"):
         L.MultiScaleRoIAlign(2, spatial_scales=(0.5,))(_levels(feats), boxes)
+
+
+def _rotated_inputs(dtype=np.float32, seed=2):
+    """Features and ``[B, R, 5]`` oriented boxes ``(x_ctr, y_ctr, w, h, angle)``, any angle."""
+    rng = np.random.default_rng(seed)
+    feats = jnp.asarray(rng.standard_normal((2, 8, 10, 3)), dtype)
+    centre = rng.uniform(2, 18, (2, 3, 2))
+    size = rng.uniform(3, 10, (2, 3, 2))
+    angle = rng.uniform(-180, 180, (2, 3, 1))
+    return feats, jnp.asarray(np.concatenate([centre, size, angle], -1), jnp.float32)
+
+
+def test_roi_align_rotated_equals_function_jit_and_rois_form():
+    kw = dict(spatial_scale=0.5, sampling_ratio=2, aligned=False)
+    feats, boxes = _rotated_inputs()
+    module = L.RoIAlignRotated((2, 3), **kw)
+    variables = jax.eval_shape(module.init, jax.random.key(0), feats, boxes)
+    assert jax.tree_util.tree_leaves(variables) == []
+    out = jax.jit(module.apply)(variables, feats, boxes)
+    expect = jax.jit(lambda x, b: jax_roi.roi_align_rotated(x, b, (2, 3), **kw))(feats, boxes)
+    assert out.shape == (2, 3, 2, 3, 3) and out.dtype == jnp.float32
+    assert float(jnp.abs(expect).max()) > 0.1  # the boxes do read the map
+    np.testing.assert_array_equal(out, expect)
+    rois = jnp.concatenate([jnp.repeat(jnp.arange(2.0), 3)[:, None], boxes.reshape(6, 5)], axis=1)
+    out_rois = jax.jit(lambda x, r: L.RoIAlignRotated([2, 3], **kw)(x, r))(feats, rois)
+    np.testing.assert_allclose(out_rois, expect.reshape(out_rois.shape), atol=2e-6)
+    jitted = nn.jit(L.RoIAlignRotated)((2, 3), **kw)
+    np.testing.assert_allclose(jitted.apply({}, feats, boxes), expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, given, expect", [(None, np.float64, np.float64), (jnp.bfloat16, np.float32, jnp.bfloat16),
+                                                  (jnp.float32, jnp.bfloat16, jnp.float32)])
+def test_roi_align_rotated_dtype(dtype, given, expect):
+    feats, boxes = _rotated_inputs(given)
+    out = jax.jit(L.RoIAlignRotated(2, sampling_ratio=2, dtype=dtype))(feats, boxes)
+    assert out.dtype == jnp.dtype(expect)
+    cast = feats if dtype is None else feats.astype(dtype)
+    np.testing.assert_array_equal(out, jax.jit(lambda x, b: jax_roi.roi_align_rotated(x, b, 2, sampling_ratio=2))(
+        cast, boxes))
+
+
+def test_roi_align_rotated_grad_equals_function_grad():
+    """float64: the gradients in the features and in all five box numbers (the angle too)."""
+    feats, boxes = _rotated_inputs(np.float64)
+    boxes = boxes.astype(jnp.float64)
+    module = L.RoIAlignRotated(2, spatial_scale=0.5, sampling_ratio=1)  # one sample a bin: the quickest backward to compile
+    cot = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 2, 2, 3)))
+    grads = jax.jit(lambda f, b: (  # one program: its two halves are the same computation, compiled once
+        jax.grad(lambda f, b: jnp.sum(module.apply({}, f, b) * cot), argnums=(0, 1))(f, b),
+        jax.grad(lambda f, b: jnp.sum(jax_roi.roi_align_rotated(f, b, 2, spatial_scale=0.5, sampling_ratio=1) * cot),
+                 argnums=(0, 1))(f, b)))
+    g_mod, g_fn = grads(feats, boxes)
+    assert np.abs(np.asarray(g_fn[1][..., 4])).max() > 1e-3  # the angle's derivative is there
+    for a, b in zip(g_mod, g_fn):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="implementation"):
+        L.RoIAlignRotated(2, implementation="cuda-please")(feats, boxes)

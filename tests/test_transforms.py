@@ -1,8 +1,9 @@
 """Every JAX transform on every path: the transform matrix.
 
 For each op (roi_align avg/max with fixed and adaptive sampling, roi_warp, roi_pool,
-multiscale_roi_align), each box form (``[K, 5]`` rois and per-image ``[B, R, 4]`` boxes)
-and each implementation, every transform below is applied:
+multiscale_roi_align, ps_roi_align, ps_roi_pool, roi_align_rotated), each box form
+(``[K, 5]`` rois and per-image ``[B, R, 4]`` boxes; ``[K, 6]`` and ``[B, R, 5]`` rotated) and
+each implementation the op has, every transform below is applied:
 
 * ``implementation="ffi"`` and ``None``: the result must equal the pure-JAX path's result
   of the same transform, to float64 rounding;
@@ -25,12 +26,15 @@ import pytest
 from jax import lax
 
 import jax_roi
+from conftest import ROTATED_IMPLEMENTATIONS
 from jax_roi import ffi
+from jax_roi.ffi import targets
 
 KERNELS = jax.default_backend() in ffi.platforms()
 B, H, W, C, R = 2, 5, 6, 2, 3
 SIZE = (2, 2)
 SCALES = [0.5, 0.25]
+PS_CHANNELS = 2 * SIZE[0] * SIZE[1]  # two output channels, each bin reading its own group
 
 OPS = {
     "align-avg-fixed": lambda f, b, impl: jax_roi.roi_align(f, b, SIZE, spatial_scale=0.5, sampling_ratio=2,
@@ -47,12 +51,20 @@ OPS = {
     "multiscale": lambda f, b, impl: jax_roi.multiscale_roi_align(f, b, SIZE, spatial_scales=SCALES,
                                                                   sampling_ratio=2, canonical_scale=8,
                                                                   canonical_level=1, implementation=impl),
+    "ps-align": lambda f, b, impl: jax_roi.ps_roi_align(f, b, SIZE, spatial_scale=0.5, sampling_ratio=2,
+                                                        implementation=impl),
+    "ps-pool": lambda f, b, impl: jax_roi.ps_roi_pool(f, b, SIZE, spatial_scale=0.5, implementation=impl),
+    # Fixed sampling: the adaptive form's reverse mode compiles a loop per sample window
+    # (tests/test_rotated.py runs it under vmap and forward mode).
+    "rotated": lambda f, b, impl: jax_roi.roi_align_rotated(f, b, SIZE, spatial_scale=0.5, sampling_ratio=2,
+                                                            implementation=impl),
 }
-FORWARD_TARGET = {"pool": "jax_roi_roi_pool_fwd"}
-BACKWARD_TARGET = {"pool": "jax_roi_roi_pool_bwd"}
-# RoIWarp's rounded and RoIPool's whole cells are flat in the boxes: a Jacobian in the
+# The kind of kernel (jax_roi.ffi.targets) each op calls; RoIAlign's for the rest.
+KERNEL_KIND = {"pool": "pool", "ps-align": "ps_align", "ps-pool": "ps_pool", "rotated": "rotated"}
+# RoIWarp's rounded and the RoIPools' whole cells are flat in the boxes: a Jacobian in the
 # boxes alone is zero and calls no kernel.
-FLAT_IN_BOXES = {"warp", "pool"}
+FLAT_IN_BOXES = {"warp", "pool", "ps-pool"}
+ROTATED_OPS = {"rotated"}
 
 
 def _boxes(rng, n):
@@ -63,21 +75,36 @@ def _boxes(rng, n):
     return np.stack([x1, y1, x1 + rng.uniform(2.1, 6.3, n), y1 + rng.uniform(2.1, 5.2, n)], axis=1)
 
 
+def _rotated_boxes(rng, n):
+    """``[n, 5]`` oriented boxes ``(x_ctr, y_ctr, w, h, angle)``: the boxes above about
+    their centres, turned by seeded angles in [-180, 180) degrees."""
+    x1, y1, x2, y2 = _boxes(rng, n).T
+    return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, rng.uniform(-180, 180, n)], axis=1)
+
+
 @functools.lru_cache(maxsize=None)
 def _inputs(op, form):
     rng = np.random.default_rng(7)
+    channels = PS_CHANNELS if op.startswith("ps-") else C
     if op == "multiscale":
         feats = [jnp.asarray(rng.standard_normal((B, H, W, C))),
                  jnp.asarray(rng.standard_normal((B, (H + 1) // 2, (W + 1) // 2, C)))]
     else:
-        feats = jnp.asarray(rng.standard_normal((B, H, W, C)))
-    boxes = _boxes(rng, B * R)
+        feats = jnp.asarray(rng.standard_normal((B, H, W, channels)))
+    boxes = _rotated_boxes(rng, B * R) if op in ROTATED_OPS else _boxes(rng, B * R)
     if form == "rois":
         boxes = np.concatenate([np.repeat(np.arange(B), R)[:, None], boxes], axis=1)
         boxes[1, 0] = -1  # a padding row: zeros and no gradient on every path
     else:
-        boxes = boxes.reshape(B, R, 4)
+        boxes = boxes.reshape(B, R, boxes.shape[-1])
     return feats, jnp.asarray(boxes)
+
+
+def _is_rois(a):
+    """Whether ``a`` is a rois array (or a stack of them), whose first column is the batch
+    index: ``[K = B * R, 5 or 6]``, where per-image boxes have ``R`` rows and feature maps
+    ``C`` or ``PS_CHANNELS`` channels last."""
+    return a.ndim >= 2 and a.shape[-2] == B * R and a.shape[-1] in (5, 6)
 
 
 def _stack(x, n=2, seed=3):
@@ -87,7 +114,7 @@ def _stack(x, n=2, seed=3):
 
     def noise(a):
         d = 0.25 * rng.standard_normal(a.shape)
-        if a.shape[-1] == 5:
+        if _is_rois(a):
             d[..., 0] = 0
         return d
 
@@ -101,7 +128,7 @@ def _with_tangent(x, seed):
 
 def _box_tangent(boxes, seed):
     t = _with_tangent(boxes, seed)
-    return t.at[..., 0].set(0) if boxes.shape[-1] == 5 else t  # batch indices are not differentiable
+    return t.at[..., 0].set(0) if _is_rois(boxes) else t  # batch indices are not differentiable
 
 
 def _loss(fn):
@@ -206,13 +233,15 @@ def test_kernel_path_matches_pure_jax(op, form, transform):
     vmap lowers to one forward custom call (reverse mode: plus one backward call)."""
     if not KERNELS:
         pytest.skip("the kernels are not built for this platform")
+    if op in ROTATED_OPS and "ffi" not in ROTATED_IMPLEMENTATIONS:
+        pytest.skip("roi_align_rotated has no kernels in this build")
     feats, boxes = _inputs(op, form)
     fn = functools.partial(lambda f, b, op: OPS[op](f, b, "ffi"), op=op)
     compiled = jax.jit(lambda f, b: TRANSFORMS[transform](fn, f, b)).lower(feats, boxes).compile()
     _close(compiled(feats, boxes), _reference(op, form, transform))
     text = compiled.as_text()
-    fwd = FORWARD_TARGET.get(op, "jax_roi_roi_align_fwd")
-    bwd = BACKWARD_TARGET.get(op, "jax_roi_roi_align_bwd")
+    kind = KERNEL_KIND.get(op, "align")
+    fwd, bwd = targets.FORWARD[kind], targets.BACKWARD[kind]
     if transform in REVERSE | VMAPPED_FORWARD | {"jit"}:
         # Reverse mode alone (vjp, jacrev) needs no primal output: its forward call is dead code.
         assert _count(text, fwd) == (0 if transform in {"vjp", "jacrev", "vmap-of-jacrev"} else 1)
@@ -240,8 +269,18 @@ def _flat(x):
     return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(x)])
 
 
-@pytest.mark.parametrize("form", ["rois", "per_image"])
-@pytest.mark.parametrize("op", list(OPS))
+def _identity_cases():
+    """Every op in both box forms. In the quick subset the position-sensitive ops keep their
+    per-image form (rois share its rules); rotated RoIAlign's sample-by-sample backward makes
+    its fifteen compiles minutes long, so it is whole-suite only (tests/test_rotated.py checks
+    its vmap, forward mode and Hessian quickly)."""
+    for op in OPS:
+        for form in ("rois", "per_image"):
+            slow = op in ROTATED_OPS or (op.startswith("ps-") and form == "rois")
+            yield pytest.param(op, form, marks=(pytest.mark.slow,) if slow else (), id=f"{op}-{form}")
+
+
+@pytest.mark.parametrize("op, form", list(_identity_cases()))
 def test_pure_jax_transforms_agree_with_identities(op, form):
     """The reference path checked against identities that do not use the transform."""
     feats, boxes = _inputs(op, form)

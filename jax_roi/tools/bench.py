@@ -5,6 +5,12 @@ Times are medians of ``--repeats`` runs after warm-up, forward alone and forward
 (``jax.grad`` of a scalar of the output with respect to the features), each jit-compiled;
 compile time is reported apart. Ratios are against peers measured in the same run: the
 pure-JAX path, the kernels, and torchvision.ops when it is installed.
+
+``ps_roi_align`` runs on the R-FCN workload (``rfcn``: 7 x 7 bins, 21 output channels, so
+1029 input channels) against ``torchvision.ops.ps_roi_align``. ``roi_align_rotated`` runs on
+the single-level box-head workloads with the same boxes turned by seeded random angles; its
+torchvision peer is ``torchvision.ops.roi_align`` on those boxes at angle 0 (detectron2's
+``ROIAlignRotated`` is not installable here; the axis-aligned op is the nearest peer).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import time
 
 import numpy as np
 
-# name: (levels [(H, W)], spatial scales, images, boxes per image, output, sampling_ratio, op)
+# name: (levels [(H, W)], spatial scales, images, boxes per image, output, sampling_ratio,
+# image size; channels, CHANNELS unless given)
 WORKLOADS = {
     "box-head": dict(levels=[(50, 68)], scales=[1 / 16], images=2, per_image=512, output=7,
                      sampling_ratio=2, image=(800, 1088)),
@@ -32,9 +39,17 @@ WORKLOADS = {
                 images=2, per_image=512, output=7, sampling_ratio=2, image=(800, 1088)),
     "gpu-large": dict(levels=[(100, 136)], scales=[1 / 8], images=8, per_image=512, output=7,
                       sampling_ratio=2, image=(800, 1088)),
+    # R-FCN's position-sensitive score maps: 21 classes x 7 x 7 bins, the box head's boxes.
+    "rfcn": dict(levels=[(50, 68)], scales=[1 / 16], images=2, per_image=512, output=7,
+                 sampling_ratio=2, image=(800, 1088), channels=21 * 7 * 7),
 }
-OPS = ("roi_align", "roi_pool", "multiscale_roi_align")
+OPS = ("roi_align", "roi_pool", "multiscale_roi_align", "ps_roi_align", "roi_align_rotated")
 CHANNELS = 256
+PS_WORKLOADS = ("rfcn",)  # the only ones with C_out * 7 * 7 channels
+ROTATED_SEED = 1  # the angles' generator, apart from the boxes' (the same boxes as roi_align's)
+ROTATED_PEER_NOTE = ("roi_align_rotated vs torchvision: torchvision.ops.roi_align on the same boxes at angle 0 "
+                     "(detectron2's ROIAlignRotated is not installable here; the axis-aligned op is the "
+                     "nearest peer)")
 # The pure-JAX path in each formulation of average RoIAlign (jax_roi/xla/formulation.py):
 # `--formulation gather,matmul` measures both, as paths "xla" and "xla-matmul".
 FORMULATION_PATHS = {"gather": "xla", "matmul": "xla-matmul"}
@@ -42,11 +57,15 @@ PATH_FORMULATION = {path: f for f, path in FORMULATION_PATHS.items()}
 MATMUL_OPS = ("roi_align", "multiscale_roi_align")  # RoIPool has no matmul form
 
 
+def channels(name: str) -> int:
+    return WORKLOADS[name].get("channels", CHANNELS)
+
+
 def make_inputs(name: str, seed: int = 0):
     """Features (NHWC float32, one array per level) and ``[K, 5]`` rois, as docs/benchmarks.md."""
     w = WORKLOADS[name]
     rng = np.random.default_rng(seed)
-    feats = [rng.standard_normal((w["images"], h, wd, CHANNELS), dtype=np.float32) for h, wd in w["levels"]]
+    feats = [rng.standard_normal((w["images"], h, wd, channels(name)), dtype=np.float32) for h, wd in w["levels"]]
     img_h, img_w = w["image"]
     rois = []
     for b in range(w["images"]):
@@ -57,6 +76,14 @@ def make_inputs(name: str, seed: int = 0):
         bh = rng.uniform(8, 8 + 0.4 * img_h, n)
         rois.append(np.stack([np.full(n, b), x1, y1, x1 + bw, y1 + bh], axis=1))
     return feats, np.concatenate(rois).astype(np.float32)
+
+
+def rotated_rois(rois, seed: int = ROTATED_SEED):
+    """``[K, 6]`` rotated rois ``(batch, x_ctr, y_ctr, w, h, angle)``: the corner rois'
+    boxes about their centres, turned by angles uniform in [-180, 180) degrees."""
+    b, x1, y1, x2, y2 = np.asarray(rois, np.float64).T
+    angle = np.random.default_rng(seed).uniform(-180, 180, b.shape[0])
+    return np.stack([b, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, angle], axis=1).astype(np.float32)
 
 
 def _median_ms(fn, repeats):
@@ -106,6 +133,16 @@ def _measure_jax(name, op, implementation, repeats):
         def f(x, r):
             return jax_roi.roi_pool(x, r, w["output"], spatial_scale=w["scales"][0], **kw)
         args = (feats[0], rois)
+    elif op == "ps_roi_align":
+        def f(x, r):
+            return jax_roi.ps_roi_align(x, r, w["output"], spatial_scale=w["scales"][0],
+                                        sampling_ratio=w["sampling_ratio"], **kw)
+        args = (feats[0], rois)
+    elif op == "roi_align_rotated":
+        def f(x, r):
+            return jax_roi.roi_align_rotated(x, r, w["output"], spatial_scale=w["scales"][0],
+                                             sampling_ratio=w["sampling_ratio"], **kw)
+        args = (feats[0], jnp.asarray(rotated_rois(rois)))
     else:
         def f(x, r):
             return jax_roi.roi_align(x, r, w["output"], spatial_scale=w["scales"][0],
@@ -164,7 +201,10 @@ def _measure_torchvision(name, op, repeats):
     elif op == "roi_pool":
         def f(x):
             return torchvision.ops.roi_pool(x[0], rois_t, w["output"], w["scales"][0])
-    else:
+    elif op == "ps_roi_align":
+        def f(x):
+            return torchvision.ops.ps_roi_align(x[0], rois_t, w["output"], w["scales"][0], w["sampling_ratio"])
+    else:  # roi_align; and roi_align_rotated's peer, roi_align on the same boxes at angle 0
         def f(x):
             return torchvision.ops.roi_align(x[0], rois_t, w["output"], w["scales"][0],
                                              w["sampling_ratio"], aligned=True)
@@ -233,11 +273,13 @@ def _child(name, op, path, repeats, timeout):
 def _bytes_moved(name, op):
     """Bytes a forward must move: features read once, output written once."""
     w = WORKLOADS[name]
-    feats = sum(w["images"] * h * wd * CHANNELS * 4 for h, wd in w["levels"])
+    c = channels(name)
+    feats = sum(w["images"] * h * wd * c * 4 for h, wd in w["levels"])
     if op != "multiscale_roi_align":
         h, wd = w["levels"][0]
-        feats = w["images"] * h * wd * CHANNELS * 4
-    return feats + w["images"] * w["per_image"] * w["output"] ** 2 * CHANNELS * 4
+        feats = w["images"] * h * wd * c * 4
+    out_channels = c // w["output"] ** 2 if op == "ps_roi_align" else c
+    return feats + w["images"] * w["per_image"] * w["output"] ** 2 * out_channels * 4
 
 
 def device_copy_gbps(repeats=10, nbytes=1 << 30):
@@ -253,14 +295,25 @@ def device_copy_gbps(repeats=10, nbytes=1 << 30):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def runs_on(op, name) -> bool:
+    """Whether ``op`` is measured on workload ``name``: the multi-level op on ``fpn`` alone
+    (where roi_align is the single-level yardstick: finest level, same K), the
+    position-sensitive op on the R-FCN maps alone, and the other ops on the rest (RoIPool and
+    rotated RoIAlign single-level only)."""
+    if name in PS_WORKLOADS:
+        return op == "ps_roi_align"
+    if op == "multiscale_roi_align":
+        return name == "fpn"
+    if op == "ps_roi_align":
+        return False
+    return not (op in ("roi_pool", "roi_align_rotated") and name == "fpn")
+
+
 def run(workloads, ops, paths, repeats, json_path, timeout=900):
     import jax
 
     rows = []
-    jobs = [(name, op, path) for name in workloads for op in ops
-            if not (op == "multiscale_roi_align" and name != "fpn")
-            # roi_align on fpn is the single-level yardstick: finest level, same K
-            and not (op == "roi_pool" and name == "fpn")
+    jobs = [(name, op, path) for name in workloads for op in ops if runs_on(op, name)
             for path in paths
             if not (path == FORMULATION_PATHS["matmul"] and op not in MATMUL_OPS)]
     if "torchvision" not in paths:
@@ -268,10 +321,14 @@ def run(workloads, ops, paths, repeats, json_path, timeout=900):
               + TORCHVISION_HINT, flush=True)
     print(f"{len(jobs)} measurements, each in its own process (compile, warm-up, {repeats} timed runs "
           "forward and forward + backward):", flush=True)
+    if "torchvision" in paths and any(op == "roi_align_rotated" for _, op, _ in jobs):
+        print(ROTATED_PEER_NOTE, flush=True)
     for i, (name, op, path) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {name} {op} {path} ...", file=sys.stderr, flush=True)
         res = _child(name, op, path, repeats, timeout)
         res.update(workload=name, op=op, path=path)
+        if op == "roi_align_rotated" and path == "torchvision":
+            res["peer"] = "torchvision.ops.roi_align at angle 0"
         if "fwd_ms" in res:  # achieved forward bandwidth (bytes that must move)
             res["fwd_gbps"] = _bytes_moved(name, op) / (res["fwd_ms"] * 1e-3) / 1e9
         rows.append(res)
@@ -327,6 +384,8 @@ def _print_ratios(rows):
     table = ratio_rows(rows)
     if table:
         print("\nspeed-up, peer time / path time (same run; > 1: the path is faster):")
+        if any(op == "roi_align_rotated" and peer == "torchvision" for _, op, _, peer, _, _ in table):
+            print("(" + ROTATED_PEER_NOTE + ")")
         print(f"{'workload':<18} {'op':<21} {'path':<12} {'vs':<12} {'fwd':>7}  {'fwd+bwd':>7}")
         for wl, op, path, peer, f, fb in table:
             print(f"{wl:<18} {op:<21} {path:<12} {peer:<12} {f:6.2f}x  {fb:6.2f}x")
@@ -349,9 +408,9 @@ def build_parser(parser=None):
                           "(pure JAX, the kernels where built, torchvision when installed), each "
                           "measurement in its own process; rows as they finish, a ratios table at "
                           "the end, everything in a JSON file.")
-    parser.add_argument("--workloads", default="box-head,box-head-adaptive,mask-head,fpn",
+    parser.add_argument("--workloads", default="box-head,box-head-adaptive,mask-head,fpn,rfcn",
                         help="comma list from: " + ", ".join(WORKLOADS) + " (default: %(default)s)")
-    parser.add_argument("--ops", default="roi_align,roi_pool,multiscale_roi_align",
+    parser.add_argument("--ops", default=",".join(OPS),
                         help="comma list from: " + ", ".join(OPS) + " (default: %(default)s)")
     parser.add_argument("--paths", default=None,
                         help="comma list of xla, xla-matmul, ffi, torchvision (default: all available "

@@ -1,10 +1,12 @@
-"""The sampling picture: where RoIPool, RoIWarp and RoIAlign read a feature map.
+"""The sampling picture: where RoIPool, RoIWarp, RoIAlign and rotated RoIAlign read a feature map.
 
 :func:`sampling_geometry` computes, for one box, the region each op uses, its bins and its
 sampling points, with the formulas of ``docs/semantics.md`` written out, and then checks them
 against the library itself (:func:`check_geometry`: the ops run on ramp maps whose values are
 their own coordinates, so they report where they sampled). :func:`draw_sampling_picture` draws
-them side by side (matplotlib, imported when called, rendered with Agg).
+them side by side (matplotlib, imported when called, rendered with Agg). Rotated RoIAlign's
+bins and samples (:func:`rotated_sampling_geometry`) are not written out again: they come
+from the library's own geometry (``jax_roi.xla.rotated``), and are checked the same way.
 
 Coordinates in the picture: feature cell ``(i, j)`` is the unit square ``[j, j+1) x [i, i+1)``
 and its value sits at its centre ``(j + 0.5, i + 0.5)``. The ops index features by cell
@@ -19,14 +21,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["check_geometry", "draw_sampling_picture", "sampling_geometry"]
+__all__ = ["check_geometry", "draw_sampling_picture", "rotated_sampling_geometry", "sampling_geometry"]
 
 METHODS = ("roi_pool", "roi_warp", "roi_align")
+ROTATED = "roi_align_rotated"
 
 # Default scene: an 8x8 feature map (stride 1 for simplicity) and a box that does not sit on
 # the cell grid, so the quantization of RoIPool / RoIWarp shows.
 DEFAULT_BOX = (1.6, 1.3, 6.3, 5.9)
 DEFAULT_MAP = (8, 8)
+# An oriented box (x_ctr, y_ctr, w, h, angle in degrees, counter-clockwise as drawn).
+DEFAULT_ROTATED_BOX = (4.0, 3.7, 5.2, 3.0, 30.0)
 
 
 def _round_half_away(v: float) -> int:
@@ -119,6 +124,46 @@ def sampling_geometry(method: str, box: Sequence[float] = DEFAULT_BOX, output_si
     return geo
 
 
+def rotated_sampling_geometry(box: Sequence[float] = DEFAULT_ROTATED_BOX, output_size: Any = 2, *,
+                              map_size: Sequence[int] = DEFAULT_MAP, spatial_scale: float = 1.0,
+                              sampling_ratio: int = 2, aligned: bool = True) -> dict:
+    """Where rotated RoIAlign reads the map for the oriented ``box`` ``(x_ctr, y_ctr, w, h,
+    angle)`` (image pixels, degrees), in picture coordinates, from the library's own
+    geometry (``jax_roi.xla.rotated``: the box's frame, its bins and sample counts, and the
+    rotation to the map).
+
+    Returns a dict with ``corners`` ``[4, 2]`` (the sampled box, ``(x, y)``), ``bins``
+    ``[oh, ow, 4, 2]`` (each bin's corners, in order), ``samples`` ``[oh, ow, gy, gx, 2]``,
+    ``grid`` ``(gy, gx)``, ``method`` and the arguments.
+    """
+    import jax.numpy as jnp
+
+    from jax_roi.xla import rotated
+
+    H, W = (int(map_size[0]), int(map_size[1]))
+    oh, ow = _pair(output_size)
+    rois = jnp.asarray([[0.0, *(float(v) for v in box)]], jnp.float32)
+    geo, _ = rotated._geometry(rois, jnp.ones((1,), bool), spatial_scale=float(spatial_scale),
+                               output_size=(oh, ow), sampling_ratio=sampling_ratio, aligned=aligned)
+    gy, gx = int(geo["g_h"][0]), int(geo["g_w"][0])
+    extent = rotated._map_extent(geo, H, W)
+    # every sample of every bin: a window as wide as the count
+    yy, _ = rotated._axis_samples(geo["start_h"], geo["bin_h"], geo["g_h"], oh, max(gy, 1), extent[0])
+    xx, _ = rotated._axis_samples(geo["start_w"], geo["bin_w"], geo["g_w"], ow, max(gx, 1), extent[1])
+    y, x = rotated.to_map(geo, yy[:, :, None, :, None], xx[:, None, :, None, :])  # [1, oh, ow, gy, gx]
+    samples = np.stack([np.asarray(x[0]), np.asarray(y[0])], -1)[:, :, :gy, :gx] + 0.5
+    # bin edges in the box frame, through the same rotation
+    edge_y = np.asarray(geo["start_h"])[:, None] + np.arange(oh + 1)[None, :] * np.asarray(geo["bin_h"])[:, None]
+    edge_x = np.asarray(geo["start_w"])[:, None] + np.arange(ow + 1)[None, :] * np.asarray(geo["bin_w"])[:, None]
+    ey, ex = rotated.to_map(geo, jnp.asarray(edge_y)[:, :, None], jnp.asarray(edge_x)[:, None, :])
+    grid = np.stack([np.asarray(ex[0]), np.asarray(ey[0])], -1) + 0.5  # [oh + 1, ow + 1, (x, y)]
+    bins = np.stack([grid[:-1, :-1], grid[:-1, 1:], grid[1:, 1:], grid[1:, :-1]], 2)
+    corners = np.stack([grid[0, 0], grid[0, -1], grid[-1, -1], grid[-1, 0]])
+    return dict(method=ROTATED, box=tuple(float(v) for v in box), output_size=(oh, ow), map_size=(H, W),
+                spatial_scale=float(spatial_scale), sampling_ratio=sampling_ratio, aligned=aligned,
+                corners=corners, bins=bins, samples=samples, grid=(gy, gx))
+
+
 def bilinear_neighbours(x: float, y: float, map_size: Sequence[int]):
     """The cells a sample at picture point ``(x, y)`` reads and their weights, as docs/semantics.md's
     bilinear rule: ``[((row, col), weight), ...]`` (empty outside ``[-1, H] x [-1, W]``)."""
@@ -154,7 +199,10 @@ def check_geometry(geo: dict, *, implementation=None, atol: float = 1e-4) -> Non
     H, W = geo["map_size"]
     oh, ow = geo["output_size"]
     s = geo["spatial_scale"]
-    rois = jnp.asarray([[0.0, *(v / s for v in geo["box"])]], jnp.float32)
+    if geo["method"] == ROTATED:
+        rois = jnp.asarray([[0.0, *geo["box"]]], jnp.float32)
+    else:
+        rois = jnp.asarray([[0.0, *(v / s for v in geo["box"])]], jnp.float32)
     cols = np.broadcast_to(np.arange(W, dtype=np.float32)[None, :], (H, W))
     rows = np.broadcast_to(np.arange(H, dtype=np.float32)[:, None], (H, W))
     ramps = jnp.asarray(np.stack([cols + 1, rows + 1, -(cols + 1), -(rows + 1)], -1)[None])
@@ -173,6 +221,8 @@ def check_geometry(geo: dict, *, implementation=None, atol: float = 1e-4) -> Non
     kw = dict(spatial_scale=s, sampling_ratio=1, implementation=implementation)
     if geo["method"] == "roi_warp":
         out = jax_roi.roi_warp(ramps[..., :2], rois, (oh * gy, ow * gx), **kw)
+    elif geo["method"] == ROTATED:
+        out = jax_roi.roi_align_rotated(ramps[..., :2], rois, (oh * gy, ow * gx), aligned=geo["aligned"], **kw)
     else:
         out = jax_roi.roi_align(ramps[..., :2], rois, (oh * gy, ow * gx), aligned=geo["aligned"], **kw)
     out = np.asarray(out)[0].reshape(oh, gy, ow, gx, 2).transpose(0, 2, 1, 3, 4)  # [oh, ow, gy, gx, (x, y)]
@@ -200,10 +250,23 @@ def _draw_panel(ax, geo, *, values=None, highlight=(0, 0, 0, 0)):
         ax.plot([j, j], [0, H], color="0.75", lw=0.8, zorder=1)
     cy, cx = np.mgrid[0:H, 0:W] + 0.5
     ax.scatter(cx.ravel(), cy.ravel(), s=4, color="0.6", zorder=2)
+    colour = lambda ph, pw: _BIN_COLOURS[(ph * ow + pw) % len(_BIN_COLOURS)]  # noqa: E731
+    if geo["method"] == ROTATED:
+        from matplotlib.patches import Polygon
+
+        ax.add_patch(Polygon(geo["corners"], closed=True, fill=False, ec="black", lw=2.2, zorder=6,
+                             label="oriented box"))
+        for ph in range(oh):
+            for pw in range(ow):
+                ax.add_patch(Polygon(geo["bins"][ph, pw], closed=True, fc=colour(ph, pw), alpha=0.12,
+                                     ec=colour(ph, pw), lw=1.2, ls=":", zorder=3))
+                pts = geo["samples"][ph, pw].reshape(-1, 2)
+                ax.scatter(pts[:, 0], pts[:, 1], s=30, color=colour(ph, pw), edgecolor="black", lw=0.6, zorder=8)
+        _draw_neighbours(ax, geo, highlight)
+        return
     x1, y1, x2, y2 = geo["box"]
     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="black", lw=2.2, ls="-", zorder=6,
                            label="box"))
-    colour = lambda ph, pw: _BIN_COLOURS[(ph * ow + pw) % len(_BIN_COLOURS)]  # noqa: E731
     if geo["method"] == "roi_pool":
         rx0, ry0, rx1, ry1 = geo["region"]
         ax.add_patch(Rectangle((rx0, ry0), rx1 - rx0, ry1 - ry0, fill=False, ec="crimson", lw=2, ls="--",
@@ -230,6 +293,14 @@ def _draw_panel(ax, geo, *, values=None, highlight=(0, 0, 0, 0)):
                                    ec=colour(ph, pw), lw=1.2, ls=":", zorder=3))
             pts = geo["samples"][ph, pw].reshape(-1, 2)
             ax.scatter(pts[:, 0], pts[:, 1], s=30, color=colour(ph, pw), edgecolor="black", lw=0.6, zorder=8)
+    _draw_neighbours(ax, geo, highlight)
+
+
+def _draw_neighbours(ax, geo, highlight):
+    """The four bilinear neighbours of the highlighted sample, with their weights."""
+    from matplotlib.patches import Rectangle
+
+    H, W = geo["map_size"]
     ph, pw, iy, ix = highlight
     sx_, sy_ = geo["samples"][ph, pw, iy, ix]
     for (r, c), w in bilinear_neighbours(sx_, sy_, (H, W)):
@@ -245,8 +316,10 @@ def draw_sampling_picture(path: str = "sampling_picture.png", box: Sequence[floa
                           output_size: Any = 2, *, map_size: Sequence[int] = DEFAULT_MAP,
                           spatial_scale: float = 1.0, sampling_ratio: int = 2, aligned: bool = True,
                           binning: str = "caffe", highlight: Sequence[int] = (0, 0, 0, 0),
+                          rotated_box: Sequence[float] = DEFAULT_ROTATED_BOX,
                           check: bool = True, implementation=None, dpi: int = 110) -> dict:
-    """Draws RoIPool, RoIWarp and RoIAlign for one box side by side and saves a PNG at ``path``.
+    """Draws RoIPool, RoIWarp and RoIAlign for one box, and rotated RoIAlign for an oriented
+    box, side by side and saves a PNG at ``path``.
 
     Args:
       path: where the PNG goes.
@@ -257,10 +330,13 @@ def draw_sampling_picture(path: str = "sampling_picture.png", box: Sequence[floa
       aligned: RoIAlign's half-pixel offset (False: the original Mask R-CNN grid).
       binning: RoIPool's ``"caffe"`` or ``"floor"`` rule.
       highlight: ``(ph, pw, iy, ix)``, the sample whose four bilinear neighbours are drawn.
+      rotated_box: ``(x_ctr, y_ctr, w, h, angle)`` for rotated RoIAlign (same output size,
+        sampling and ``aligned``), angle in degrees counter-clockwise as drawn.
       check: verify every drawn point and bin against the library (:func:`check_geometry`).
 
     Returns:
-      ``{method: geometry}`` as :func:`sampling_geometry`.
+      ``{method: geometry}`` as :func:`sampling_geometry` (:func:`rotated_sampling_geometry`
+      for ``"roi_align_rotated"``).
     """
     # The object-oriented API renders with Agg and leaves pyplot's global backend alone.
     from matplotlib.figure import Figure
@@ -271,6 +347,10 @@ def draw_sampling_picture(path: str = "sampling_picture.png", box: Sequence[floa
                                          sampling_ratio=sampling_ratio, aligned=aligned, binning=binning)
         if check:
             check_geometry(geos[method], implementation=implementation)
+    geos[ROTATED] = rotated_sampling_geometry(rotated_box, output_size, map_size=map_size, spatial_scale=spatial_scale,
+                                              sampling_ratio=sampling_ratio, aligned=aligned)
+    if check:
+        check_geometry(geos[ROTATED])  # (pure JAX: the path every build has)
     H, W = (int(map_size[0]), int(map_size[1]))
     rng = np.random.default_rng(0)
     values = rng.uniform(0, 1, (H, W))
@@ -279,10 +359,12 @@ def draw_sampling_picture(path: str = "sampling_picture.png", box: Sequence[floa
         "roi_pool": f"RoIPool ({binning}): box rounded to cells,\nmax over the whole cells of each bin",
         "roi_warp": f"RoIWarp: box rounded to cells,\n{gy}x{gx} bilinear samples per bin",
         "roi_align": (f"RoIAlign (aligned={aligned}): exact box,\n{gy}x{gx} bilinear samples per bin"),
+        ROTATED: (f"Rotated RoIAlign: box turned {rotated_box[4]:g} deg counter-clockwise,\n"
+                  f"{geos[ROTATED]['grid'][0]}x{geos[ROTATED]['grid'][1]} bilinear samples per bin, in its frame"),
     }
-    fig = Figure(figsize=(15, 5.6))
-    axes = fig.subplots(1, 3)
-    for ax, method in zip(axes, METHODS):
+    fig = Figure(figsize=(20, 5.6))
+    axes = fig.subplots(1, 4)
+    for ax, method in zip(axes, METHODS + (ROTATED,)):
         _draw_panel(ax, geos[method], values=values, highlight=tuple(highlight))
         ax.set_xlim(-0.3, W + 0.3)
         ax.set_ylim(H + 0.3, -0.3)
@@ -294,7 +376,9 @@ def draw_sampling_picture(path: str = "sampling_picture.png", box: Sequence[floa
         ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
     b = ", ".join(f"{v:g}" for v in box)
     oh, ow = _pair(output_size)
-    fig.suptitle(f"Where each op reads a {H}x{W} feature map for the box ({b}) (black), {oh}x{ow} output.\n"
+    rb = ", ".join(f"{v:g}" for v in rotated_box)
+    fig.suptitle(f"Where each op reads a {H}x{W} feature map for the box ({b}) (black; rotated RoIAlign: "
+                 f"({rb}), as (x_ctr, y_ctr, w, h, angle)), {oh}x{ow} output.\n"
                  "Grey dots: feature values (cell centres); coloured: bins and their sampling points; "
                  "violet: the 4 bilinear neighbours of the starred sample, with their weights.", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

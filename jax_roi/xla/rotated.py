@@ -118,13 +118,21 @@ def _map_extent(geo, height, width):
     return (jnp.min(ys, 0), jnp.max(ys, 0)), (jnp.min(xs, 0), jnp.max(xs, 0))
 
 
+def to_map(geo, yy, xx):
+    """Box-frame points ``(yy, xx)`` (arrays ``[K, ...]`` of one rank) to feature coordinates
+    ``(y, x)``: the rotation by each box's angle about its centre. (Also what the sampling
+    picture, ``jax_roi.tools.figures``, draws.)"""
+    def per_box(v):
+        return v.reshape(v.shape + (1,) * (max(yy.ndim, xx.ndim) - 1))
+
+    cos, sin = per_box(geo["cos"]), per_box(geo["sin"])
+    return yy * cos - xx * sin + per_box(geo["cy"]), yy * sin + xx * cos + per_box(geo["cx"])
+
+
 def _sample(flat, base, geo, yy, ey, xx, ex, height, width, acc, normalizer):
     """The weighted bilinear value ``[K, oh, ow, C]`` of one sample per output cell: ``yy,
     ey [K, oh]`` (box-frame row coordinate, exists), ``xx, ex [K, ow]``."""
-    cos, sin = geo["cos"][:, None, None], geo["sin"][:, None, None]
-    yy, xx = yy[:, :, None], xx[:, None, :]
-    y = yy * cos - xx * sin + geo["cy"][:, None, None]
-    x = yy * sin + xx * cos + geo["cx"][:, None, None]
+    y, x = to_map(geo, yy[:, :, None], xx[:, None, :])
     valid = ey[:, :, None] & ex[:, None, :] & (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
     y, x = jnp.where(valid, y, 0), jnp.where(valid, x, 0)  # the double-where: no NaN in dead branches
     y_lo, y_hi, wy_lo, wy_hi = bilinear_taps(y, height)

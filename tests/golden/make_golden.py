@@ -1,6 +1,6 @@
 """Write tests/golden/torchvision_golden.npz from torchvision (run with a venv that has it):
 
-    /tmp/tvenv/bin/python tests/golden/make_golden.py
+    python tests/golden/make_golden.py      # in an environment with torch and torchvision
 
 Everything is seeded, float32 on CPU.  Every array that has a layout is stored twice: raw
 torchvision layout (suffix ``_nchw``: features [B,C,H,W], outputs/cotangents [K,C,oh,ow])
