@@ -134,10 +134,7 @@ SPECS = {
     "RoIAlignRotated": OpSpec(
         "RoIAlignRotated", ops.roi_align_rotated,
         "Rotated RoIAlign (oriented boxes, detectron2's ``ROIAlignRotated``): :func:`jax_roi.roi_align_rotated`",
-        (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _ALIGNED, _DATA_FORMAT,
-         _a("implementation", None, Optional[str],
-            "``None`` (the kernels where built for this op and the platform, else pure JAX), "
-            "``\"xla\"`` or ``\"ffi\"``; passed through to the function."),
+        (_OUTPUT_SIZE, _SPATIAL_SCALE, _SAMPLING, _ALIGNED, _DATA_FORMAT, _IMPLEMENTATION, _DETERMINISTIC,
          _DTYPE),
         example=_ORIENTED_HEAD.format(pool="RoIAlignRotated(7, spatial_scale=1 / 16, sampling_ratio=2)"),
         example_title="an oriented-box head",

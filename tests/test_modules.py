@@ -13,7 +13,7 @@ from jax_roi import _module_spec, linen, nnx
 FUNCTIONS = {"RoIAlign": jax_roi.roi_align, "RoIWarp": jax_roi.roi_warp, "RoIPool": jax_roi.roi_pool,
              "MultiScaleRoIAlign": jax_roi.multiscale_roi_align, "PSRoIAlign": jax_roi.ps_roi_align,
              "PSRoIPool": jax_roi.ps_roi_pool, "RoIAlignRotated": jax_roi.roi_align_rotated}
-KERNEL_OPS = {"RoIAlign", "RoIWarp", "RoIPool", "MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool"}  # with `deterministic`
+KERNEL_OPS = {"RoIAlign", "RoIWarp", "RoIPool", "MultiScaleRoIAlign", "PSRoIAlign", "PSRoIPool", "RoIAlignRotated"}  # with `deterministic`
 
 
 def _function_arguments(fn):

@@ -251,7 +251,7 @@ def test_argument_errors():
         jax_roi.roi_align_rotated(feats, jnp.zeros((3, 4)), 2)
     with pytest.raises(ValueError, match="implementation: expected"):
         jax_roi.roi_align_rotated(feats, jnp.zeros((3, 6)), 2, implementation="cuda")
-    with pytest.raises(ValueError, match="deterministic: expected"):
+    with pytest.raises(TypeError, match="deterministic: expected a bool"):
         jax_roi.roi_align_rotated(feats, jnp.zeros((3, 6)), 2, deterministic="yes")
     with pytest.raises(ValueError, match="boxes: expected leading axes"):
         jax_roi.roi_align_rotated(jnp.zeros((2, 4, 4, 2)), jnp.zeros((3, 2, 5)), 2)
