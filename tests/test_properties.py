@@ -224,10 +224,13 @@ def test_ps_paths_agree(pool, problem):
 @st.composite
 def rotated_problems(draw):
     """Rotated rois ``(batch, x_ctr, y_ctr, w, h, angle)``: centres on, near and far off the
-    map, sizes from negative to wider than the map, any angle, and the special values. 1e30
-    sizes only with a fixed sample count (the oracle visits every sample, and an adaptive
-    1e30 box has 1e29 a side); angles stay within a few turns (the float32 path rounds a huge
-    angle before the turn, where the float64 oracle does not)."""
+    map, sizes from negative to wider than the map, any angle, and the special values; but no
+    1e30 size: a sample of such a box lands on the map only where ``-h/2`` and its offset
+    cancel exactly, which float64 (the oracle) does and float32 (every path: pure JAX, CPU
+    and CUDA alike) may miss by one rounding, a distance of 1e23 pixels (tests/test_rotated.py
+    checks such boxes for bounded time and finite values). Angles stay within a few turns
+    (the float32 path rounds a huge angle before the turn, where the float64 oracle does
+    not)."""
     b = draw(st.sampled_from([1, 2]))
     h, w = draw(st.sampled_from([(1, 1), (5, 7), (8, 6)]))
     k = draw(st.sampled_from([0, 6, 6]))
@@ -241,7 +244,7 @@ def rotated_problems(draw):
     centre = st.one_of(*[st.floats(f32(-0.3 * span), f32(1.3 * span), allow_nan=False, width=32)] * 3,
                        st.sampled_from(SPECIAL))
     extent = st.one_of(*[st.floats(f32(-0.2 * span), f32(1.5 * span), allow_nan=False, width=32)] * 3,
-                       st.sampled_from(SPECIAL if sampling_ratio > 0 else [np.nan, np.inf, 0.0, -1.0]))
+                       st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -1.0]))
     angle = st.one_of(*[st.floats(-720, 720, allow_nan=False, width=32)] * 3,
                       st.sampled_from([np.nan, np.inf, 0.0, 90.0]))
     batch = st.sampled_from([0, b - 1, 0, b - 1, -1, b])
