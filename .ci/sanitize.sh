@@ -26,17 +26,18 @@ import sys
 from jax_roi import ffi
 assert "cpu" in ffi.platforms(), "sanitized kernels not loaded"
 print("sanitizer step: kernels from", sys.modules["jax_roi._ext"].__file__)')
-pytest -p no:cacheprovider -q -n 2 tests/test_properties.py tests/test_roi_align.py tests/test_roi_pool.py -k "ffi or paths_agree"
+sanitized_pytest() { pytest -p no:cacheprovider -q -n 2 "$@"; }
+sanitized_pytest tests/test_properties.py tests/test_roi_align.py tests/test_roi_pool.py -k "ffi or paths_agree"
 # The position-sensitive kernels on the edge boxes, golden data and the raw targets' checks.
-pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_position_sensitive.py \
+sanitized_pytest -m "not slow" tests/test_position_sensitive.py \
   -k "kernels_match or kernels_empty or kernels_torchvision or raw_targets"
 # The rotated RoIAlign kernels on the oracle, random angles, edge and absurd boxes, dtypes,
 # and the raw targets' checks.
-pytest -p no:cacheprovider -q -n 2 -m "not slow" tests/test_rotated.py \
+sanitized_pytest -m "not slow" tests/test_rotated.py \
   -k "kernels_match or kernels_boxes_with or kernels_dtypes or kernels_absurd or kernels_raw_targets"
 # The CUDA kernels' code run on the host under the same sanitizers: the emulated targets
 # against the CPU kernels on every code path and edge shape (K = 0, H = W = 1, C = 1, ragged
 # channel counts) with the edge boxes (padding and out-of-range batch indices, NaN, inf,
 # 1e30, empty, inverted, off-map, covering). Shared memory of an emulated launch is an
 # exact-size heap block, so an access past it is a report too.
-pytest -p no:cacheprovider -q -n 2 tests/test_cuda_emulation.py
+sanitized_pytest tests/test_cuda_emulation.py
