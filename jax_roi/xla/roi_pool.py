@@ -12,8 +12,10 @@ level count, so the cost and memory follow the boxes), at most ``_LEVELS`` per a
 larger bins loop over blocks of that table. No gradient flows through the
 search. The forward returns the maxima themselves; the first maximal cell is searched only
 when differentiating (a ``custom_jvp``), and the tangent is the feature tangent read at
-that cell, so reverse mode routes the gradient to it alone. Box coordinates only pass through rounding, so boxes get no
-gradient (docs/semantics.md).
+that cell, so reverse mode routes the gradient to it alone. That search runs a few
+channels at a time under ``jax.checkpoint``, so the backward pass searches again step by
+step and no winner index as large as the output is kept. Box coordinates only pass
+through rounding, so boxes get no gradient (docs/semantics.md).
 
 Ties: the first maximal cell of a union of blocks is the smallest row-major index among
 the blocks' own first maximal cells whose value is the maximum (that cell lies in some
@@ -201,9 +203,8 @@ _CHANNEL_CHUNK = 32
 
 def _cell_dtype(height, width):
     """The narrowest type for a cell index in an image of ``height x width`` cells, with its
-    all-ones pattern (``-1`` as int32, the maximum as uint16) left for "no cell". The index
-    array is as large as the output, and a narrow one is cheaper to fill, carry through the
-    channel loop and read back when routing the derivative."""
+    all-ones pattern (``-1`` as int32, the maximum as uint16) left for "no cell": a narrow
+    index is cheaper to write and to read back when routing the derivative."""
     return jnp.uint16 if height * width < jnp.iinfo(jnp.uint16).max else jnp.int32
 
 
@@ -216,29 +217,25 @@ def _narrow(arg, dtype):
     return jnp.where(arg >= 0, arg.astype(dtype), _no_cell(dtype))
 
 
-def _search(values, batch, y0, hy, x0, hx, with_arg):
-    """Each bin's maximum and (``with_arg``) first maximal cell, ``[K, oh, ow, C]``, over
-    chunks of :data:`_CHANNEL_CHUNK` channels (the last padded with ``-inf``); the cell as
-    :func:`_cell_dtype`."""
+def _search(values, batch, y0, hy, x0, hx):
+    """Each bin's maximum, ``[K, oh, ow, C]``, over chunks of :data:`_CHANNEL_CHUNK`
+    channels (the last padded with ``-inf``)."""
     channels = values.shape[-1]
     if channels <= _CHANNEL_CHUNK:
-        return _search_chunk(values, batch, y0, hy, x0, hx, with_arg)
+        return _search_chunk(values, batch, y0, hy, x0, hx, with_arg=False)[0]
     chunks = -(-channels // _CHANNEL_CHUNK)
     padded = chunks * _CHANNEL_CHUNK
     if padded != channels:
         values = jnp.pad(values, ((0, 0),) * 3 + ((0, padded - channels),), constant_values=-jnp.inf)
     k, (oh, ow) = batch.shape[0], (y0.shape[1], x0.shape[1])
-    best = jnp.zeros((k, oh, ow, padded), values.dtype)
-    arg = jnp.zeros((k, oh, ow, padded), _cell_dtype(*values.shape[1:3])) if with_arg else None
 
-    def chunk(i, carry):
+    def chunk(i, best):
         part = lax.dynamic_slice_in_dim(values, i * _CHANNEL_CHUNK, _CHANNEL_CHUNK, axis=3)
-        found = _search_chunk(part, batch, y0, hy, x0, hx, with_arg)
-        return tuple(None if c is None else lax.dynamic_update_slice_in_dim(c, f, i * _CHANNEL_CHUNK, axis=3)
-                     for c, f in zip(carry, found))
+        found, _ = _search_chunk(part, batch, y0, hy, x0, hx, with_arg=False)
+        return lax.dynamic_update_slice_in_dim(best, found, i * _CHANNEL_CHUNK, axis=3)
 
-    best, arg = lax.fori_loop(0, chunks, chunk, (best, arg))
-    return best[..., :channels], (arg[..., :channels] if with_arg else None)
+    best = lax.fori_loop(0, chunks, chunk, jnp.zeros((k, oh, ow, padded), values.dtype))
+    return best[..., :channels]
 
 
 def _search_chunk(values, batch, y0, hy, x0, hx, with_arg):
@@ -270,7 +267,7 @@ def _bin_max(features, batch, y0, hy, x0, hx):
     """``[K, oh, ow, C]``: each bin's maximum cell value, 0 for a bin without cells above
     ``-inf``. The forward needs only the maxima; the first maximal cell, which routes the
     derivative, is searched only when differentiating (the rule below)."""
-    best, _ = _search(_search_values(features), batch, y0, hy, x0, hx, with_arg=False)
+    best = _search(_search_values(features), batch, y0, hy, x0, hx)
     return jnp.where(best > -jnp.inf, best, 0).astype(features.dtype)
 
 
@@ -285,29 +282,51 @@ def _at_winner(x, batch, arg):
     return jnp.where(has, value, jnp.zeros_like(value))
 
 
-@jax.custom_jvp
-def _routed(features, best, batch, arg):
-    """``best`` (the maxima, as found by the search), with the derivative of the features
-    read at the winners: the primal of the rule below without reading the map again."""
-    return best
+# Channels per step of the search that routes the derivative. That search runs again in the
+# backward pass (below), one step at a time, so its table, winner index and scatter stay
+# small: on box-head the whole forward + backward holds 30 MB of temporaries in steps of
+# 16 channels, against 150 MB with the winner index kept for every channel. Above 32 MB
+# glibc maps the block afresh on every call, and faulting its pages in cost more than the
+# search itself (35,000 page faults per call).
+_ROUTING_CHUNK = 16
 
 
-@_routed.defjvp
-def _routed_jvp(primals, tangents):
-    features, best, batch, arg = primals
-    return _routed(features, best, batch, arg), _at_winner(tangents[0], batch, arg)
+def _routed_tangent(features, tangent, batch, y0, hy, x0, hx):
+    """``[K, oh, ow, C]``: ``tangent`` read at each bin's first maximal cell (0 where none),
+    linear in ``tangent``. The first maximal cell is searched here, in steps of
+    :data:`_ROUTING_CHUNK` channels under ``jax.checkpoint``, so that reverse mode searches
+    again step by step and scatters each step's cotangent, never holding a winner index
+    the size of the output."""
+    values = _search_values(features)
+    num_images, height, width, channels = values.shape
+    chunk = min(channels, _ROUTING_CHUNK)
+    steps = -(-channels // chunk)
+    pad = steps * chunk - channels
+    if pad:
+        values = jnp.pad(values, ((0, 0),) * 3 + ((0, pad),), constant_values=-jnp.inf)
+        tangent = jnp.pad(tangent, ((0, 0),) * 3 + ((0, pad),))
+    # The tangent as the scan's steps (its transpose stacks the cotangent the same way);
+    # the values, which carry no derivative, are sliced in place.
+    tangent = jnp.moveaxis(tangent.reshape(num_images, height, width, steps, chunk), 3, 0)
+
+    @jax.checkpoint
+    def step(i, part):
+        v = lax.dynamic_slice_in_dim(values, i * chunk, chunk, axis=3)
+        _, arg = _search_chunk(v, batch, y0, hy, x0, hx, with_arg=True)
+        return i + 1, _at_winner(part, batch, arg)
+
+    _, out = lax.scan(step, 0, tangent)  # [steps, K, oh, ow, chunk]
+    k, oh, ow = out.shape[1:4]
+    return jnp.moveaxis(out, 0, 3).reshape(k, oh, ow, steps * chunk)[..., :channels]
 
 
 @_bin_max.defjvp
 def _bin_max_jvp(primals, tangents):
-    features, batch, y0, hy, x0, hx = primals
-    best, arg = _search(_search_values(features), batch, y0, hy, x0, hx, with_arg=True)
-    best = jnp.where(arg != _no_cell(arg.dtype), best, 0).astype(features.dtype)
-    # The tangent is the feature tangent at the first maximal cell: a gather, linear in
-    # it, which reverse mode transposes into a scatter-add onto that cell alone. The
-    # output stays differentiable in the features the same way (``_routed``), for when
-    # this rule is itself differentiated (hessian).
-    return _routed(features, best, batch, arg), _at_winner(tangents[0], batch, arg)
+    # The primal is the forward itself (the maxima need no winner). The tangent is the
+    # feature tangent at the first maximal cell: a gather, linear in it, which reverse
+    # mode transposes into a scatter-add onto that cell alone. Its second derivative in
+    # the features is 0 (the search carries no gradient), as for any max.
+    return _bin_max(*primals), _routed_tangent(primals[0], tangents[0], *primals[1:])
 
 
 def roi_pool(features, rois, output_size, *, spatial_scale=1.0, binning="caffe"):
