@@ -140,3 +140,29 @@ def test_pure_jax_path_lowers_for_tpu():
     fn = lambda f: jax_roi.roi_pool(f, rois, 2, implementation="xla")  # noqa: E731
     for g in (fn, jax.grad(lambda f: jnp.sum(fn(f))), lambda f: jax.jvp(fn, (f,), (f,))[1]):
         jax.jit(g).trace(feats).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_every_bin_shape_on_tied_values(implementation):
+    """One box at a time, so that each call's largest bin picks its own table (pure JAX:
+    the fewest block levels per axis that the bin's sides need, the two axes apart or not,
+    or the looped blocks beyond the table): bins of 1 to 17 cells a side on a map of few
+    distinct values, values and the gradient against the oracle."""
+    rng = np.random.default_rng(23)
+    feats = jnp.asarray(rng.integers(0, 3, (1, 20, 20, 2)).astype(np.float64))
+    sides = [1, 2, 3, 4, 5, 8, 9, 17]
+
+    @jax.jit
+    def pool_and_grad(f, r, cot):
+        out, vjp = jax.vjp(lambda f: jax_roi.roi_pool(f, r, 1, implementation=implementation), f)
+        return out, vjp(cot)[0]
+
+    for h in sides:
+        for w in sides:
+            y, x = rng.integers(0, 21 - h), rng.integers(0, 21 - w)
+            rois = np.array([[0, x, y, x + w - 1, y + h - 1]], np.float64)
+            cot = rng.standard_normal((1, 1, 1, 2))
+            out, d_f = pool_and_grad(feats, jnp.asarray(rois), jnp.asarray(cot))
+            ref = R.roi_pool_ref(np.asarray(feats), rois, 1)
+            ref_f, _ = R.roi_pool_ref_vjp(np.asarray(feats), rois, 1, cot)
+            np.testing.assert_array_equal(np.asarray(out), ref, err_msg=f"bin {h}x{w}")
+            np.testing.assert_allclose(np.asarray(d_f), ref_f, atol=1e-12, err_msg=f"bin {h}x{w}")

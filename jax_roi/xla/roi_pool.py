@@ -4,12 +4,12 @@ Canonical inputs (``features [B, H, W, C]``, ``rois [K, 5]``). A bin is a rectan
 whole cells, so its maximum is a range maximum: a two-dimensional sparse table holds, for
 every cell and every pair of power-of-two block sides ``(2**i, 2**j)``, the maximum of the
 block starting there and its first maximal cell in row-major order; a bin of ``h x w``
-cells is the union of four such blocks (``i = floor(log2 h)``, ``j = floor(log2 w)``, one
-at each corner), so each output reads four table entries whatever the bin's size. The
-first maximal cell is kept as a small key (``int8``) relative to the block's corner. The
-table holds only the levels that the largest bin present needs (a ``lax.switch`` over the
-level count, so the cost and memory follow the boxes), at most ``_LEVELS`` per axis;
-larger bins loop over blocks of that table. No gradient flows through the
+cells is the union of four such blocks (the smallest sides ``2**i >= h / 2`` and
+``2**j >= w / 2``, one at each corner), so each output reads four table entries whatever
+the bin's size. The first maximal cell is kept as a small key (``int8``) relative to the
+block's corner. The table holds only the levels per axis that the largest bin present
+needs (a ``lax.switch`` over pairs of level counts, so the cost and memory follow the
+boxes), at most ``_LEVELS`` per axis; larger bins loop over blocks of that table. No gradient flows through the
 search. The forward returns the maxima themselves; the first maximal cell is searched only
 when differentiating (a ``custom_jvp``), and the tangent is the feature tangent read at
 that cell, so reverse mode routes the gradient to it alone. That search runs a few
@@ -59,6 +59,18 @@ def _axis_bins(c1, c2, *, live, spatial_scale, bins, size, binning):
 def _floor_log2(n):
     """``floor(log2(n))`` of positive int32 ``n`` (0 for ``n <= 0``)."""
     return jnp.where(n > 0, 31 - lax.clz(jnp.maximum(n, 1)), 0)
+
+
+def _block_level(n):
+    """The level ``i`` of the blocks that cover a bin side of ``n`` cells two at a time:
+    the smallest ``2**i`` with ``2**(i + 1) >= n`` (0 for ``n <= 2``). A side of 4 takes
+    two blocks of 2 rather than one of 4, so the table needs one level fewer there."""
+    return _floor_log2(n - 1)
+
+
+def _levels_needed(n):
+    """Table levels (block sides 1, 2, 4, ...) that bin sides up to ``n`` cells need."""
+    return max(1, (n - 1).bit_length())
 
 
 def _shift(x, s, axis, fill):
@@ -131,11 +143,11 @@ def _read(table, level, y, x, exists, shape, with_arg=True):
 def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x, with_arg):
     """``[K, oh, ow, C]`` maximum of each bin (``-inf`` where the bin is empty) and, with
     ``with_arg``, the row-major index (in its image) of its first maximal cell, ``-1`` where
-    the bin is empty or holds no cell above ``-inf``; every bin side below ``2**levels``:
+    the bin is empty or holds no cell above ``-inf``; every bin side at most ``2**levels``:
     four blocks, one pass."""
     num_images, height, width, _ = values.shape
     table = _tables(values, levels_y, levels_x)
-    iy, jx = _floor_log2(hy), _floor_log2(hx)  # [K, oh], [K, ow]
+    iy, jx = _block_level(hy), _block_level(hx)  # [K, oh], [K, ow]
     level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
     exists = (hy > 0)[:, :, None] & (hx > 0)[:, None, :]
     best, corners = None, []
@@ -157,12 +169,12 @@ def _winner(values, batch, y0, hy, x0, hx, levels_y, levels_x, with_arg):
 
 def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x, with_arg):
     """As :func:`_winner` for bins of any size: a bin side ``h`` is covered by
-    ``ceil(h / s)`` blocks of side ``s = 2**min(floor(log2 h), levels - 1)`` (the last one
+    ``ceil(h / s)`` blocks of side ``s = 2**min(i, levels - 1)``, ``i`` as above (the last one
     flush with the bin's end), visited by loops that run to the largest bin present."""
     num_images, height, width, channels = values.shape
     table = _tables(values, levels_y, levels_x)
-    iy = jnp.minimum(_floor_log2(hy), levels_y - 1)
-    jx = jnp.minimum(_floor_log2(hx), levels_x - 1)
+    iy = jnp.minimum(_block_level(hy), levels_y - 1)
+    jx = jnp.minimum(_block_level(hx), levels_x - 1)
     ny, nx = (hy + (1 << iy) - 1) >> iy, (hx + (1 << jx) - 1) >> jx  # blocks per side
     level = (iy[:, :, None] * levels_x + jx[:, None, :]) * num_images + batch[:, None, None]
     big = jnp.iinfo(jnp.int32).max
@@ -189,9 +201,10 @@ def _winner_blocks(values, batch, y0, hy, x0, hx, levels_y, levels_x, with_arg):
     return best, (jnp.where(best > -jnp.inf, arg, -1) if with_arg else None)
 
 
-# Table levels of the one-pass path: blocks up to 4 x 4 cells, bins up to 7 x 7 (box and
-# mask heads); larger bins loop over blocks of the same table. Memory: 9 copies of the
-# features (in the accumulation dtype) and 9 of their shape in int8 keys.
+# Table levels of the one-pass path: blocks up to 4 x 4 cells, bins up to 8 x 8 (box and
+# mask heads); larger bins loop over blocks of the same table. Memory: at most 9 copies of
+# the features (in the accumulation dtype) and 9 of their shape in int8 keys; box-head's
+# bins (up to 4 x 5 cells) need 2 x 3 levels, mask-head's (3 x 3) 2 x 2.
 _LEVELS = 3
 
 
@@ -242,16 +255,22 @@ def _search_chunk(values, batch, y0, hy, x0, hx, with_arg):
     """:func:`_search` of a few channels, on the sparse table with the fewest levels that
     the largest bin present needs."""
     _, height, width, _ = values.shape
-    max_y, max_x = height.bit_length(), width.bit_length()  # levels a bin can need
-    need = jnp.maximum(_floor_log2(jnp.max(hy, initial=0)), _floor_log2(jnp.max(hx, initial=0)))
-    top = max(max_y, max_x)
-    branches = [
-        (lambda n: lambda *a: _winner(*a, min(n, max_y), min(n, max_x), with_arg))(n)
-        for n in range(1, min(top, _LEVELS) + 1)
-    ]
-    if top > _LEVELS:  # some bin side may reach 2**_LEVELS cells
+    max_y, max_x = _levels_needed(height), _levels_needed(width)  # levels a bin can need
+    need_y = _block_level(jnp.max(hy, initial=0)) + 1
+    need_x = _block_level(jnp.max(hx, initial=0)) + 1
+    # One branch per pair of level counts, the two axes at most one level apart (a box
+    # head's bins are often one level wider than tall): the smallest table that fits.
+    pairs = sorted({(min(a, max_y), min(b, max_x))
+                    for a in range(1, _LEVELS + 1) for b in range(1, _LEVELS + 1) if abs(a - b) <= 1})
+    branches = [(lambda ly, lx: lambda *a: _winner(*a, ly, lx, with_arg))(ly, lx) for ly, lx in pairs]
+    big = (_LEVELS * _LEVELS + 1) * len(pairs)  # above every fitting pair's cost
+    cost = [jnp.where((ly >= need_y) & (lx >= need_x), ly * lx * len(pairs) + i, big)
+            for i, (ly, lx) in enumerate(pairs)]
+    index = jnp.argmin(jnp.stack(cost))
+    if max(max_y, max_x) > _LEVELS:  # some bin side may need more levels than the table has
         branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x), with_arg))
-    best, arg = lax.switch(need, branches, values, batch, y0, hy, x0, hx)
+        index = jnp.where((need_y > _LEVELS) | (need_x > _LEVELS), len(branches) - 1, index)
+    best, arg = lax.switch(index, branches, values, batch, y0, hy, x0, hx)
     return best, (None if arg is None else _narrow(arg, _cell_dtype(height, width)))
 
 
