@@ -9,8 +9,8 @@ cells is the union of four such blocks (the smallest sides ``2**i >= h / 2`` and
 the bin's size. The first maximal cell is kept as a small key (``int8``) relative to the
 block's corner. The table holds only the levels per axis that the largest bin present
 needs (a ``lax.switch`` over pairs of level counts, so the cost and memory follow the
-boxes), at most ``_LEVELS`` per axis; larger bins loop over blocks of that table. No gradient flows through the
-search. The forward returns the maxima themselves; the first maximal cell is searched only
+boxes), at most ``_LEVELS`` per axis; larger bins loop over blocks of that table. No
+gradient flows through the search. The forward returns the maxima themselves; the first maximal cell is searched only
 when differentiating (a ``custom_jvp``), and the tangent is the feature tangent read at
 that cell, so reverse mode routes the gradient to it alone. That search runs a few
 channels at a time under ``jax.checkpoint``, so the backward pass searches again step by
@@ -259,14 +259,16 @@ def _search_chunk(values, batch, y0, hy, x0, hx, with_arg):
     need_y = _block_level(jnp.max(hy, initial=0)) + 1
     need_x = _block_level(jnp.max(hx, initial=0)) + 1
     # One branch per pair of level counts, the two axes at most one level apart (a box
-    # head's bins are often one level wider than tall): the smallest table that fits.
+    # head's bins are often one level wider than tall), and for each pair of needs the
+    # branch of the smallest table that fits them, both chosen here once.
     pairs = sorted({(min(a, max_y), min(b, max_x))
                     for a in range(1, _LEVELS + 1) for b in range(1, _LEVELS + 1) if abs(a - b) <= 1})
     branches = [(lambda ly, lx: lambda *a: _winner(*a, ly, lx, with_arg))(ly, lx) for ly, lx in pairs]
-    big = (_LEVELS * _LEVELS + 1) * len(pairs)  # above every fitting pair's cost
-    cost = [jnp.where((ly >= need_y) & (lx >= need_x), ly * lx * len(pairs) + i, big)
-            for i, (ly, lx) in enumerate(pairs)]
-    index = jnp.argmin(jnp.stack(cost))
+    smallest_fit = [[min((i for i, (ly, lx) in enumerate(pairs) if ly >= a and lx >= b),
+                         key=lambda i: pairs[i][0] * pairs[i][1])
+                     for b in range(1, min(max_x, _LEVELS) + 1)] for a in range(1, min(max_y, _LEVELS) + 1)]
+    index = jnp.asarray(smallest_fit)[jnp.minimum(need_y, len(smallest_fit)) - 1,
+                                      jnp.minimum(need_x, len(smallest_fit[0])) - 1]
     if max(max_y, max_x) > _LEVELS:  # some bin side may need more levels than the table has
         branches.append(lambda *a: _winner_blocks(*a, min(_LEVELS, max_y), min(_LEVELS, max_x), with_arg))
         index = jnp.where((need_y > _LEVELS) | (need_x > _LEVELS), len(branches) - 1, index)
